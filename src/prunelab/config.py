@@ -1,0 +1,90 @@
+"""Deployment configuration from environment variables, parsed once.
+
+Env vars wire a deployment (addresses, store, credentials, log level); experiment
+parameters travel in request messages and study files, never here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunelab.errors import InvalidArgument
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgument(f"{name}={raw!r} is not a boolean (use true or false)", field=name)
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(f"{name}={raw!r} is not an integer", field=name) from None
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str  # host:port, no scheme
+    access_key: str
+    secret_key: str
+    secure: bool  # TLS
+    region: str | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path  # embedded store and caches live below it
+    store: str  # "file:///abs/path", a plain path, or "s3://bucket[/prefix]"
+    s3: S3Settings
+    cache_dir: Path  # verified local copies of artifacts and converted models
+    offline: bool  # never reach a model or dataset hub
+    log_level: str
+    log_format: str  # "text" or "json"
+    grpc_port: int
+    grpc_max_workers: int
+    max_concurrent_jobs: int
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        home = Path(os.environ.get("PRUNELAB_HOME", "~/.prunelab")).expanduser().resolve()
+        log_format = os.environ.get("PRUNELAB_LOG_FORMAT", "text")
+        if log_format not in ("text", "json"):
+            raise InvalidArgument(f"PRUNELAB_LOG_FORMAT={log_format!r}: use text or json", field="PRUNELAB_LOG_FORMAT")
+        return cls(
+            home=home,
+            store=os.environ.get("PRUNELAB_STORE", str(home / "store")),
+            s3=S3Settings(
+                endpoint=os.environ.get("PRUNELAB_S3_ENDPOINT", "localhost:9000"),
+                access_key=os.environ.get("PRUNELAB_S3_ACCESS_KEY", ""),
+                secret_key=os.environ.get("PRUNELAB_S3_SECRET_KEY", ""),
+                secure=_bool("PRUNELAB_S3_SECURE", False),
+                region=os.environ.get("PRUNELAB_S3_REGION") or None,
+            ),
+            cache_dir=Path(os.environ.get("PRUNELAB_CACHE", str(home / "cache"))).expanduser().resolve(),
+            offline=_bool("PRUNELAB_OFFLINE", _bool("HF_HUB_OFFLINE", False)),
+            log_level=os.environ.get("PRUNELAB_LOG_LEVEL", "INFO").upper(),
+            log_format=log_format,
+            grpc_port=_int("PRUNELAB_GRPC_PORT", 50051),
+            grpc_max_workers=_int("PRUNELAB_GRPC_MAX_WORKERS", 8),
+            max_concurrent_jobs=_int("PRUNELAB_MAX_CONCURRENT_JOBS", 1),
+        )
+
+
+@functools.cache
+def settings() -> Settings:
+    """The process's settings; tests that change the environment call `settings.cache_clear()`."""
+    return Settings.from_env()

@@ -1,0 +1,48 @@
+"""Domain errors. Library code raises these; `prunelab.rpc` maps each to one gRPC
+status code and the CLI to a message and a non-zero exit, so neither has to guess."""
+
+
+class PrunelabError(Exception):
+    """Base of every error prunelab raises on purpose. `field` names the offending input."""
+
+    grpc_code = "INTERNAL"
+
+    def __init__(self, reason: str, *, field: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+class InvalidArgument(PrunelabError):
+    """The request itself is wrong (bad ratio, unknown method, malformed URI)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class NotFound(PrunelabError):
+    """A named thing (artifact, model, dataset) does not exist."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class FailedPrecondition(PrunelabError):
+    """The request is valid but the system is not in a state to serve it
+    (dataset not imported while offline, corrupted artifact)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(PrunelabError):
+    """Too many concurrent jobs, out of memory."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PrunelabError):
+    """A dependency (object store, another service) cannot be reached right now; retrying may help."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class IntegrityError(FailedPrecondition):
+    """Stored bytes do not match their recorded sha256: never returned as valid."""
