@@ -1,0 +1,78 @@
+"""Channels to prunelab services, readiness and health checks."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from prunelab.errors import Unavailable
+from prunelab.rpc.status import JOB_ID_METADATA_KEY
+
+# gRPC keeps one long-lived HTTP/2 connection per channel. Behind a Kubernetes
+# ClusterIP that pins every call to one pod; with a headless service and a
+# "dns:///name:port" target, round_robin spreads calls over every resolved address.
+# UNAVAILABLE (no connection, server draining, store briefly unreachable) is retried;
+# gRPC only retries a call before any response arrived, so a stream is never replayed.
+_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{}],  # every method of every service
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+_CHANNEL_OPTIONS = [
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
+    # A stream may be quiet for minutes between progress events; pings notice a dead
+    # peer (pod killed, connection silently dropped) instead of waiting forever.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+HEALTH_CHECK_TIMEOUT_S = 5.0
+
+
+def make_channel(target: str) -> grpc.Channel:
+    """An insecure channel to "host:port" or "dns:///name:port" (every address of a
+    headless service), with round-robin balancing, keepalive and UNAVAILABLE retries."""
+    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+def wait_ready(channel: grpc.Channel, timeout: float) -> None:
+    """Block until the channel connects; `Unavailable` if it does not within `timeout` seconds."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise Unavailable(f"no connection within {timeout:g} s") from None
+
+
+def check_health(target: str, service: str = "", timeout: float = HEALTH_CHECK_TIMEOUT_S) -> str:
+    """The health status name ("SERVING", "NOT_SERVING", "SERVICE_UNKNOWN") the server
+    at `target` reports for `service` ("" is the whole server); `Unavailable` if it
+    cannot be asked."""
+    with make_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # the health service's "never heard of it"
+                return "SERVICE_UNKNOWN"
+            raise Unavailable(f"health check of {target} failed: {err.code().name}: {err.details()}") from None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def job_metadata(job_id: str) -> list[tuple[str, str]]:
+    """Request metadata that makes the server log the call under `job_id`."""
+    return [(JOB_ID_METADATA_KEY, job_id)]

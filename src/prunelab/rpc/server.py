@@ -1,0 +1,129 @@
+"""Start a gRPC server the way every prunelab service runs: error interceptor, standard
+health and reflection services, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from prunelab.config import settings
+from prunelab.logs import setup_logging
+from prunelab.rpc.interceptor import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+# Where servers listen; containers set "[::]" or "0.0.0.0". Loopback by default so a
+# developer's server is never reachable from the network by accident.
+HOST_ENV = "PRUNELAB_GRPC_HOST"
+DEFAULT_HOST = "127.0.0.1"
+# Leaves a margin inside Kubernetes' default 30 s termination grace period.
+DEFAULT_GRACE_S = 25.0
+
+_SERVER_OPTIONS = [
+    # A busy port must fail the bind, not be shared silently with another server.
+    ("grpc.so_reuseport", 0),
+    # Accept the keepalive pings `make_channel` sends during long, quiet streams.
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Make clients reconnect (and re-resolve DNS) now and then, so round-robin spreads
+    # load over pods that started after the connection was made. In-flight calls finish.
+    ("grpc.max_connection_age_ms", 5 * 60_000),
+]
+
+Registration = Callable[[grpc.Server], None]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def target(self) -> str:
+        """An address a client on this machine can connect to."""
+        host = "localhost" if self.host in ("0.0.0.0", "[::]") else self.host
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish for up to
+        `grace` seconds (None: cancel them now), then return."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops; False if `timeout` passed first."""
+        return self.server.wait_for_termination(timeout)
+
+
+def serve(
+    register: Registration | list[Registration],
+    *,
+    service_names: list[str],
+    port: int | None = None,
+    host: str | None = None,
+    max_workers: int | None = None,
+) -> RunningServer:
+    """Start a server with the given servicers and return at once.
+
+    `register` adds servicers, e.g. `lambda s: pruner_pb2_grpc.add_PrunerServicer_to_server(p, s)`;
+    `service_names` are their full names ("prunelab.v1.Pruner"), reported SERVING by the
+    health service and listed by reflection. `port` 0 picks a free port; None and
+    `host`/`max_workers` None come from the environment (PRUNELAB_GRPC_PORT,
+    PRUNELAB_GRPC_HOST, PRUNELAB_GRPC_MAX_WORKERS).
+    """
+    cfg = settings()
+    host = host or os.environ.get(HOST_ENV) or DEFAULT_HOST
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers or cfg.grpc_max_workers, thread_name_prefix="grpc"),
+        interceptors=[ErrorInterceptor()],
+        options=_SERVER_OPTIONS,
+    )
+    for add_servicer in register if isinstance(register, list) else [register]:
+        add_servicer(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *service_names]:  # "" is the server as a whole
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound_port = server.add_insecure_port(f"{host}:{cfg.grpc_port if port is None else port}")
+    server.start()
+    log.info("serving %s on %s:%d", ", ".join(service_names), host, bound_port)
+    return RunningServer(server, health_servicer, host, bound_port)
+
+
+def run_forever(
+    register: Registration | list[Registration],
+    *,
+    service_names: list[str],
+    grace: float = DEFAULT_GRACE_S,
+    port: int | None = None,
+    host: str | None = None,
+    max_workers: int | None = None,
+) -> None:
+    """Run a service as the main program until SIGTERM or SIGINT, then stop gracefully
+    (health NOT_SERVING, in-flight calls get `grace` seconds) and return, so the
+    process exits 0.
+
+    The signals are blocked and then awaited with `sigwait` rather than handled: a
+    Python handler could fire while the main thread holds a lock the handler needs.
+    Blocking them before the server starts makes every thread inherit the mask, so
+    the main thread is the only one that receives them.
+    """
+    cfg = settings()
+    setup_logging(cfg.log_level, cfg.log_format)
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    running = serve(register, service_names=service_names, port=port, host=host, max_workers=max_workers)
+    received = signal.sigwait(stop_signals)
+    log.info("%s: NOT_SERVING, letting in-flight calls finish for up to %.0f s", signal.Signals(received).name, grace)
+    running.stop(grace)
+    log.info("stopped")

@@ -1,0 +1,44 @@
+"""Shared test setup. Fixtures live in tests/fixtures/*.py by topic and are loaded
+here as plugins: models (tiny random Llama configs, the real SmolLM2), s3 (a real
+SeaweedFS server on 127.0.0.1), grpc (servers on real sockets)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["fixtures.models", "fixtures.s3", "fixtures.grpc"]
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+# Converted models are reused across runs (converting the GGUF takes ~30 s); the
+# folder is git-ignored, so a fresh clone converts once.
+TEST_CACHE = REPO / ".prunelab" / "test-cache"
+
+
+@pytest.fixture(autouse=True)
+def prunelab_home(tmp_path, monkeypatch):
+    """Every test gets its own empty PRUNELAB_HOME (store, state) and offline mode;
+    the model cache is shared so the real model is converted once per machine."""
+    from prunelab.config import settings
+
+    home = tmp_path / "prunelab-home"
+    monkeypatch.setenv("PRUNELAB_HOME", str(home))
+    monkeypatch.setenv("PRUNELAB_CACHE", str(TEST_CACHE))
+    monkeypatch.setenv("PRUNELAB_OFFLINE", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("PRUNELAB_STORE", raising=False)
+    settings.cache_clear()
+    yield home
+    settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real validation text); tests that need it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (it exists on developer machines and in CI only)")
+    return SHARED_DATA
