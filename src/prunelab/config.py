@@ -57,6 +57,17 @@ class Settings:
     grpc_port: int
     grpc_max_workers: int
     max_concurrent_jobs: int
+    grpc_host: str  # bind address: 127.0.0.1 locally, [::] in containers
+    device: str  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
+    data_dir: Path | None  # folder of <name>/<split files> the dataset registry also reads
+
+    def torch_device(self) -> str:
+        """The device jobs run on; "auto" picks CUDA when this host has it."""
+        if self.device != "auto":
+            return self.device
+        import torch  # here, not at module level: the CLI must start fast
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -81,6 +92,9 @@ class Settings:
             grpc_port=_int("PRUNELAB_GRPC_PORT", 50051),
             grpc_max_workers=_int("PRUNELAB_GRPC_MAX_WORKERS", 8),
             max_concurrent_jobs=_int("PRUNELAB_MAX_CONCURRENT_JOBS", 1),
+            grpc_host=os.environ.get("PRUNELAB_GRPC_HOST", "127.0.0.1"),
+            device=os.environ.get("PRUNELAB_DEVICE", "auto"),
+            data_dir=Path(os.environ["PRUNELAB_DATA_DIR"]).expanduser() if os.environ.get("PRUNELAB_DATA_DIR") else None,
         )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -248,9 +247,9 @@ def _local_split_file(path: Path, split: str) -> Path | None:
 
 
 def _builtin_text(name: str, hub: HubSource, split: str) -> str:
-    data_dir = os.environ.get(DATA_DIR_ENV)
+    data_dir = settings().data_dir
     if data_dir:
-        local = _local_split_file(Path(data_dir) / name, split)
+        local = _local_split_file(data_dir / name, split)
         if local is not None:
             return local.read_text(encoding="utf-8")
     reason = "offline"

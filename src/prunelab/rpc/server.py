@@ -4,7 +4,6 @@ health and reflection services, graceful shutdown."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +19,6 @@ from prunelab.rpc.interceptor import ErrorInterceptor
 
 log = logging.getLogger(__name__)
 
-# Where servers listen; containers set "[::]" or "0.0.0.0". Loopback by default so a
-# developer's server is never reachable from the network by accident.
-HOST_ENV = "PRUNELAB_GRPC_HOST"
-DEFAULT_HOST = "127.0.0.1"
 # Leaves a margin inside Kubernetes' default 30 s termination grace period.
 DEFAULT_GRACE_S = 25.0
 
@@ -81,7 +76,9 @@ def serve(
     PRUNELAB_GRPC_HOST, PRUNELAB_GRPC_MAX_WORKERS).
     """
     cfg = settings()
-    host = host or os.environ.get(HOST_ENV) or DEFAULT_HOST
+    # containers set PRUNELAB_GRPC_HOST=[::]; loopback by default so a developer's
+    # server is never reachable from the network by accident
+    host = host or settings().grpc_host
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers or cfg.grpc_max_workers, thread_name_prefix="grpc"),
         interceptors=[ErrorInterceptor()],

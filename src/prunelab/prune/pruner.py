@@ -1,0 +1,359 @@
+"""Structured pruning of Llama-family models: what to remove, removing it, and
+the report that says exactly what was asked and what was got.
+
+Block mode (LLM-Pruner's block-wise): whole KV groups of attention and MLP
+channels inside the chosen layer ranges. Channel mode (LLM-Pruner's
+channel-wise): channels of the residual stream, in every layer at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from prunelab.errors import InvalidArgument
+from prunelab.models import LlamaFamilyAdapter
+from prunelab.prune.calibration import calibration_windows, taylor_gradients
+from prunelab.prune.correction import GramAccumulator, refit_kept_columns
+from prunelab.prune.importance import Criterion, Slice, attention_slices, group_scores, mlp_slices
+from prunelab.prune.layers import DEFAULT_LAYERS, parse_layer_range
+from prunelab.prune.targets import (
+    SEMANTICS,
+    TOLERANCE,
+    LayerShape,
+    RemovalPlan,
+    check_ratio,
+    layer_ratio_plan,
+    params_ratio_plan,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = ("block", "channel")
+ALLOCATIONS = ("uniform", "global")
+
+Progress = Callable[[str, float, str], None]  # (phase, fraction of the whole job, message)
+
+
+def no_progress(_phase: str, _fraction: float, _message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Everything that decides the pruned model, apart from the model itself."""
+
+    ratio: float
+    method: str = "taylor"
+    variant: str = "element1"
+    aggregation: str = "sum"
+    semantics: str = "params_ratio"
+    mode: str = "block"
+    allocation: str = "uniform"
+    attn_layers: str = DEFAULT_LAYERS
+    mlp_layers: str = DEFAULT_LAYERS
+    calibration: str = "wikitext2"
+    samples: int = 10
+    seq_len: int = 64
+    seed: int = 0
+    # Least-squares refit of o_proj/down_proj on calibration activations (see
+    # correction.py); `correction_samples` windows of `seq_len` tokens feed it.
+    correction: bool = True
+    correction_samples: int = 32
+
+    def validate(self) -> None:
+        check_ratio(self.ratio)
+        self.criterion  # raises on an unknown method / variant / aggregation
+        for name, value, allowed in (
+            ("semantics", self.semantics, SEMANTICS),
+            ("mode", self.mode, MODES),
+            ("allocation", self.allocation, ALLOCATIONS),
+        ):
+            if value not in allowed:
+                raise InvalidArgument(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}", field=name)
+        for name in ("samples", "seq_len", "correction_samples"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
+
+    @property
+    def criterion(self) -> Criterion:
+        return Criterion(self.method, self.variant, self.aggregation)
+
+
+@dataclass
+class PruneReport:
+    ratio_asked: float
+    semantics: str
+    ratio_got: float
+    params_before: int
+    params_after: int
+    layer_widths: list[dict[str, int]]
+    kept: dict[str, dict[str, list[int]]]  # layer -> {"kv_groups": [...], "mlp_channels": [...]} or {"hidden": [...]}
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_shapes(adapter: LlamaFamilyAdapter) -> list[LayerShape]:
+    """Prunable widths per layer and what one unit of each costs in parameters."""
+    shapes = []
+    for i, widths in enumerate(adapter.layer_widths()):
+        proj = adapter.projections(i)
+        group_params = sum(
+            p.numel() for m in (proj.q, proj.k, proj.v, proj.o) for p in m.parameters()
+        ) // widths.num_key_value_heads
+        channel_params = sum(p.numel() for m in (proj.gate, proj.up, proj.down) for p in m.parameters()) // widths.intermediate_size
+        shapes.append(LayerShape(widths.num_key_value_heads, group_params, widths.intermediate_size, channel_params))
+    return shapes
+
+
+def prune_model(model, tokenizer, settings: PruneSettings, calibration_text: str, progress: Progress = no_progress) -> PruneReport:
+    """Prune `model` in place as `settings` say (block or channel mode)."""
+    pruner = ChannelPruner if settings.mode == "channel" else BlockPruner
+    return pruner(model, tokenizer, settings, calibration_text, progress).run()
+
+
+class _Pruner:
+    """What block and channel pruning share: the model, its adapter, the seeded
+    generator (random importance) and phase timings."""
+
+    def __init__(self, model, tokenizer, settings: PruneSettings, calibration_text: str, progress: Progress = no_progress):
+        settings.validate()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.text = calibration_text
+        self.progress = progress
+        self.adapter = LlamaFamilyAdapter(model)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.timings: dict[str, float] = {}
+
+    def _timed(self, phase: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.timings[phase] = round(time.perf_counter() - start, 3)
+        return result
+
+
+class BlockPruner(_Pruner):
+    """Block-wise pruning of one loaded model, in place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        n = self.adapter.num_layers
+        self.attn_layers = parse_layer_range(self.settings.attn_layers, n, "attn_layers")
+        self.mlp_layers = parse_layer_range(self.settings.mlp_layers, n, "mlp_layers")
+
+    def run(self) -> PruneReport:
+        s = self.settings
+        params_before = self.adapter.num_parameters()
+        shapes = layer_shapes(self.adapter)
+        plan = self._plan(shapes, params_before)  # fails fast, before any heavy work
+        scores = self._timed("importance", self._importance)
+        if s.allocation == "global":
+            plan = global_plan(scores, shapes, plan.removed_params(shapes), self.attn_layers, self.mlp_layers)
+        kept = choose_kept(scores, plan, shapes)
+        grams = self._timed("activations", self._activation_grams, kept) if s.correction else {}
+        self._timed("prune", self._apply, kept, grams)
+        params_after = self.adapter.num_parameters()
+        ratio_got = 1 - params_after / params_before
+        if s.semantics == "params_ratio" and abs(ratio_got - s.ratio) > TOLERANCE + 1e-9:
+            raise AssertionError(f"planned {s.ratio} but removed {ratio_got}: plan arithmetic is wrong")
+        return PruneReport(
+            ratio_asked=s.ratio,
+            semantics=s.semantics,
+            ratio_got=ratio_got,
+            params_before=params_before,
+            params_after=params_after,
+            layer_widths=[w.as_dict() for w in self.adapter.layer_widths()],
+            kept={str(i): k for i, k in kept.items()},
+            timings_s=self.timings,
+        )
+
+    def _plan(self, shapes: list[LayerShape], params_before: int) -> RemovalPlan:
+        s = self.settings
+        if s.semantics == "layer_ratio":
+            return layer_ratio_plan(shapes, self.attn_layers, self.mlp_layers, s.ratio, self.adapter.head_dim)
+        return params_ratio_plan(shapes, self.attn_layers, self.mlp_layers, s.ratio, params_before)
+
+    def _block_slices(self) -> dict[tuple[int, str], list[Slice]]:
+        widths = self.adapter.layer_widths()
+        slices = {}
+        for i in self.attn_layers:
+            block = self.adapter.layers[i].self_attn
+            per_group = widths[i].num_attention_heads // widths[i].num_key_value_heads
+            slices[(i, "kv_groups")] = attention_slices(block, self.adapter.head_dim, per_group)
+        for i in self.mlp_layers:
+            slices[(i, "mlp_channels")] = mlp_slices(self.adapter.layers[i].mlp)
+        return slices
+
+    def _importance(self) -> dict[tuple[int, str], torch.Tensor]:
+        s = self.settings
+        criterion = s.criterion
+        slices = self._block_slices()
+        grads, fisher = {}, {}
+        if criterion.needs_gradients:
+            self.progress("calibrate", 0.1, f"{s.samples} windows of {s.seq_len} tokens from {s.calibration}")
+            windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed)
+            params = [sl.param for group in slices.values() for sl in group]
+            grads, fisher = taylor_gradients(self.model, params, windows.to(self.model.device), fisher=criterion.needs_fisher)
+        self.progress("importance", 0.4, f"scoring {len(slices)} blocks by {s.method}")
+        widths = self.adapter.layer_widths()
+        scores = {}
+        for (i, kind), group in slices.items():
+            n = widths[i].num_key_value_heads if kind == "kv_groups" else widths[i].intermediate_size
+            scores[(i, kind)] = group_scores(group, criterion, n, self.generator, grads, fisher)
+        return scores
+
+    def _activation_grams(self, kept: dict[int, dict[str, list[int]]]) -> dict[torch.nn.Linear, torch.Tensor]:
+        """Input Gram matrices of the o_proj / down_proj whose inputs lose channels,
+        from one no-grad pass of the unpruned model over the correction windows."""
+        s = self.settings
+        self.progress("activations", 0.6, f"{s.correction_samples} windows for the least-squares correction")
+        targets = []
+        for i, k in kept.items():
+            proj = self.adapter.projections(i)
+            if "kv_groups" in k:
+                targets.append(proj.o)
+            if "mlp_channels" in k:
+                targets.append(proj.down)
+        windows = calibration_windows(self.tokenizer, self.text, s.correction_samples, s.seq_len, s.seed + 1)
+        accumulator = GramAccumulator()
+        decoder = self.model.get_decoder()  # the LM head's logits are not needed here
+        with torch.no_grad(), accumulator.watching(targets):
+            for batch in windows.split(8):
+                decoder(input_ids=batch.to(self.model.device), use_cache=False)
+        return accumulator.grams
+
+    @torch.no_grad()
+    def _apply(self, kept: dict[int, dict[str, list[int]]], grams: dict) -> None:
+        self.progress("prune", 0.85, "removing groups and channels")
+        head_dim = self.adapter.head_dim
+        for i, k in kept.items():
+            proj = self.adapter.projections(i)
+            widths = self.adapter.layer_widths()[i]
+            if "kv_groups" in k:
+                per_group = widths.num_attention_heads // widths.num_key_value_heads
+                columns = _expand(_expand(torch.tensor(k["kv_groups"]), per_group), head_dim)
+                refit = _refit(proj.o, grams, columns)
+                self.adapter.keep_kv_groups(i, k["kv_groups"])
+                if refit is not None:
+                    proj.o.weight.copy_(refit)
+            if "mlp_channels" in k:
+                refit = _refit(proj.down, grams, torch.tensor(k["mlp_channels"]))
+                self.adapter.keep_mlp_channels(i, k["mlp_channels"])
+                if refit is not None:
+                    proj.down.weight.copy_(refit)
+
+
+def _refit(linear: torch.nn.Linear, grams: dict, kept_columns: torch.Tensor) -> torch.Tensor | None:
+    gram = grams.get(linear)
+    return None if gram is None else refit_kept_columns(linear.weight.detach(), gram, kept_columns)
+
+
+def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Unit indices -> the indices of their `width` consecutive rows."""
+    return (units.unsqueeze(1) * width + torch.arange(width)).reshape(-1)
+
+
+def choose_kept(scores: dict[tuple[int, str], torch.Tensor], plan: RemovalPlan, shapes: list[LayerShape]) -> dict[int, dict[str, list[int]]]:
+    """The highest-scoring units survive; indices sorted so weights keep their order."""
+    kept: dict[int, dict[str, list[int]]] = {}
+    for (i, kind), score in scores.items():
+        width = shapes[i].kv_groups if kind == "kv_groups" else shapes[i].mlp_channels
+        remove = plan.kv_groups[i] if kind == "kv_groups" else plan.mlp_channels[i]
+        if remove == 0:
+            continue
+        keep = torch.topk(score, width - remove).indices.sort().values
+        kept.setdefault(i, {})[kind] = keep.tolist()
+    return kept
+
+
+def global_plan(scores: dict[tuple[int, str], torch.Tensor], shapes: list[LayerShape], target: int,
+                attn_layers: range, mlp_layers: range) -> RemovalPlan:
+    """Rank every unit of every allowed layer together by importance per parameter and
+    remove the least important until `target` parameters are gone; each layer keeps
+    at least one KV group and one channel."""
+    units = []  # (score per parameter, layer, kind, parameters)
+    for (i, kind), score in scores.items():
+        params = shapes[i].group_params if kind == "kv_groups" else shapes[i].channel_params
+        units += [(float(v) / params, i, kind, params) for v in score]
+    units.sort(key=lambda u: u[0])
+    groups = [0] * len(shapes)
+    channels = [0] * len(shapes)
+    removed = 0
+    for _, i, kind, params in units:
+        if removed + params > target:
+            continue
+        count, width = (groups, shapes[i].kv_groups) if kind == "kv_groups" else (channels, shapes[i].mlp_channels)
+        if count[i] + 1 < width:
+            count[i] += 1
+            removed += params
+    return RemovalPlan(groups, channels)
+
+
+class ChannelPruner(_Pruner):
+    """Channel-wise pruning (LLM-Pruner's --channel_wise): channels of the residual
+    stream, removed from the embeddings, every layer and the head at once. Layer
+    ranges do not apply, and there is no least-squares correction: every projection
+    loses inputs or outputs at once, so there is no unpruned output to refit to."""
+
+    def run(self) -> PruneReport:
+        s = self.settings
+        params_before = self.adapter.num_parameters()
+        slices = self._hidden_slices()
+        per_channel = sum(sl.param.numel() for sl in slices) // self.adapter.hidden_size
+        removed = self._channels_to_remove(per_channel, params_before)
+        scores = self._timed("importance", self._scores, slices)
+        keep = torch.topk(scores, self.adapter.hidden_size - removed).indices.sort().values
+        self._timed("prune", self.adapter.keep_hidden_channels, keep.tolist())
+        params_after = self.adapter.num_parameters()
+        return PruneReport(
+            ratio_asked=s.ratio, semantics=s.semantics, ratio_got=1 - params_after / params_before,
+            params_before=params_before, params_after=params_after,
+            layer_widths=[w.as_dict() for w in self.adapter.layer_widths()],
+            kept={"hidden": {"channels": keep.tolist()}}, timings_s=self.timings,
+        )
+
+    def _channels_to_remove(self, per_channel: int, params_before: int) -> int:
+        s = self.settings
+        hidden = self.adapter.hidden_size
+        if s.semantics == "layer_ratio":
+            return hidden - int(hidden * (1 - s.ratio))
+        removed = min(round(s.ratio * params_before / per_channel), hidden - 1)
+        if abs(removed * per_channel / params_before - s.ratio) > TOLERANCE:
+            raise InvalidArgument(
+                f"ratio {s.ratio:.4f} cannot be reached by removing hidden channels: the largest reachable is "
+                f"{(hidden - 1) * per_channel / params_before:.4f}", field="ratio",
+            )
+        return removed
+
+    def _hidden_slices(self) -> list[Slice]:
+        """Every parameter with a hidden-size axis, embeddings first (the root)."""
+        model = self.model
+        slices = [Slice(model.get_input_embeddings().weight, 1, 1)]
+        for i, layer in enumerate(self.adapter.layers):
+            proj = self.adapter.projections(i)
+            slices += [Slice(m.weight, 1, 1) for m in (proj.q, proj.k, proj.v, proj.gate, proj.up)]
+            slices += [Slice(m.weight, 0, 1) for m in (proj.o, proj.down)]
+            slices += [Slice(layer.input_layernorm.weight, 0, 1), Slice(layer.post_attention_layernorm.weight, 0, 1)]
+        slices.append(Slice(self.adapter.decoder.norm.weight, 0, 1))
+        if not self.adapter.tied_embeddings:
+            slices.append(Slice(model.get_output_embeddings().weight, 1, 1))
+        return slices
+
+    def _scores(self, slices: list[Slice]) -> torch.Tensor:
+        s = self.settings
+        grads, fisher = {}, {}
+        if s.criterion.needs_gradients:
+            windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed)
+            grads, fisher = taylor_gradients(self.model, [sl.param for sl in slices], windows.to(self.model.device),
+                                             fisher=s.criterion.needs_fisher)
+        self.progress("importance", 0.5, f"scoring {self.adapter.hidden_size} hidden channels by {s.method}")
+        return group_scores(slices, s.criterion, self.adapter.hidden_size, self.generator, grads, fisher)

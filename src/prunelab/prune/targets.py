@@ -1,0 +1,134 @@
+"""How much to remove in each layer so the result matches what was asked.
+
+LLM-Pruner applies its ratio to the heads and channels inside the chosen layers
+only, so "0.5" on SmolLM2 layers 4-27 removes 28.9 % of the model. prunelab's
+default semantics, `params_ratio`, counts the whole model (embeddings and head
+included) and solves for per-layer amounts that land on the asked share;
+`layer_ratio` keeps LLM-Pruner's arithmetic to reproduce published numbers.
+
+Units: attention is pruned in whole KV groups (one KV head with the query heads
+that share it, so grouped-query attention stays consistent); the MLP in
+intermediate channels. Every layer keeps at least one group and one channel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from prunelab.errors import InvalidArgument
+
+SEMANTICS = ("params_ratio", "layer_ratio")
+TOLERANCE = 0.005  # of the whole model: the promise is "within 0.5 percentage points"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Prunable widths of one decoder layer and the parameters each unit carries."""
+
+    kv_groups: int  # KV heads
+    group_params: int  # parameters of one KV group (q, k, v rows + biases, o columns)
+    mlp_channels: int  # intermediate size
+    channel_params: int  # parameters of one MLP channel (gate, up rows, down column)
+
+
+@dataclass(frozen=True)
+class RemovalPlan:
+    """How many KV groups / MLP channels to remove per layer (index = layer)."""
+
+    kv_groups: list[int]
+    mlp_channels: list[int]
+
+    def removed_params(self, shapes: list[LayerShape]) -> int:
+        return sum(
+            g * s.group_params + c * s.channel_params
+            for g, c, s in zip(self.kv_groups, self.mlp_channels, shapes, strict=True)
+        )
+
+
+def check_ratio(ratio: float) -> None:
+    if not (0.0 < ratio < 1.0) or math.isnan(ratio):
+        raise InvalidArgument(f"ratio must be in (0, 1), got {ratio}", field="ratio")
+
+
+def layer_ratio_plan(shapes: list[LayerShape], attn_layers: range, mlp_layers: range, ratio: float, head_dim: int) -> RemovalPlan:
+    """LLM-Pruner's arithmetic (torch_pruning's MetaPruner): in each chosen layer keep
+    int(width * (1 - ratio)) channels; attention is counted in k_proj rows and
+    rounded down to whole KV heads (its `consecutive_groups`)."""
+    check_ratio(ratio)
+    groups, channels = [], []
+    for i, s in enumerate(shapes):
+        if i in attn_layers:
+            rows = s.kv_groups * head_dim
+            groups.append((rows - int(rows * (1 - ratio))) // head_dim)
+        else:
+            groups.append(0)
+        channels.append(s.mlp_channels - int(s.mlp_channels * (1 - ratio)) if i in mlp_layers else 0)
+    return RemovalPlan(groups, channels)
+
+
+def params_ratio_plan(shapes: list[LayerShape], attn_layers: range, mlp_layers: range, ratio: float, total_params: int) -> RemovalPlan:
+    """The same number of KV groups removed in every attention layer and the same
+    number of channels in every MLP layer, chosen so the whole model loses `ratio`
+    of its parameters as closely as the MLP's channel granularity allows.
+
+    Among the attention amounts that can reach the target, the one whose share of
+    attention removed is closest to the MLP's share wins: that splits the cut the
+    way LLM-Pruner's single ratio does, instead of emptying one block type."""
+    check_ratio(ratio)
+    target = ratio * total_params
+    tolerance = TOLERANCE * total_params
+    attn = [shapes[i] for i in attn_layers]
+    mlp = [shapes[i] for i in mlp_layers]
+    per_channel_round = sum(s.channel_params for s in mlp)
+    best: tuple[float, int, int] | None = None
+    for groups in range(_max_removable(attn, "kv") + 1):
+        attn_removed = sum(groups * s.group_params for s in attn)
+        channels = round((target - attn_removed) / per_channel_round) if per_channel_round else 0
+        channels = min(max(channels, 0), _max_removable(mlp, "mlp"))
+        if abs(attn_removed + channels * per_channel_round - target) > tolerance:
+            continue
+        imbalance = abs(_share(groups, attn, "kv") - _share(channels, mlp, "mlp"))
+        if best is None or imbalance < best[0]:
+            best = (imbalance, groups, channels)
+    if best is None:
+        reachable = max_reachable_ratio(shapes, attn_layers, mlp_layers, total_params)
+        why = (
+            f"the largest reachable is {reachable:.4f}"
+            if ratio > reachable
+            else "whole KV groups are too coarse to land within 0.5 points; allow MLP layers too"
+        )
+        raise InvalidArgument(
+            f"ratio {ratio:.4f} of the whole model cannot be removed within attention layers "
+            f"{_span(attn_layers)} and MLP layers {_span(mlp_layers)}: {why}",
+            field="ratio",
+        )
+    _, groups, channels = best
+    return RemovalPlan(
+        [groups if i in attn_layers else 0 for i in range(len(shapes))],
+        [channels if i in mlp_layers else 0 for i in range(len(shapes))],
+    )
+
+
+def max_reachable_ratio(shapes: list[LayerShape], attn_layers: range, mlp_layers: range, total_params: int) -> float:
+    """Everything but one KV group and one channel per allowed layer."""
+    removable = sum((shapes[i].kv_groups - 1) * shapes[i].group_params for i in attn_layers)
+    removable += sum((shapes[i].mlp_channels - 1) * shapes[i].channel_params for i in mlp_layers)
+    return removable / total_params
+
+
+def _max_removable(shapes: list[LayerShape], block: str) -> int:
+    if not shapes:
+        return 0
+    widths = [s.kv_groups if block == "kv" else s.mlp_channels for s in shapes]
+    return min(widths) - 1
+
+
+def _share(removed: int, shapes: list[LayerShape], block: str) -> float:
+    if not shapes:
+        return 0.0
+    return removed / (shapes[0].kv_groups if block == "kv" else shapes[0].mlp_channels)
+
+
+def _span(layers: range) -> str:
+    return f"{layers.start}:{layers.stop}" if len(layers) else "(none)"

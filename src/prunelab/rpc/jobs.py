@@ -1,0 +1,88 @@
+"""Long jobs behind streaming RPCs: run the job on a worker thread, stream its
+progress as it comes, then its result, and stop it when the call ends early.
+
+Every service with a long job (pruner, tuner, evaluator, profiler) serves it this
+way; `JobSlots` is the per-replica admission limit (RESOURCE_EXHAUSTED beyond it,
+so a client can retry elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from prunelab.errors import ResourceExhausted
+
+Update = TypeVar("Update")
+Result = TypeVar("Result")
+_DONE = object()
+
+
+class JobCancelled(Exception):
+    """Raised inside a job (from its progress callback) once its call has ended."""
+
+
+class JobSlots:
+    """At most `limit` jobs at once in this process."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit = limit
+        self.what = what
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"this {self.what} already runs {self.limit} job(s) (PRUNELAB_MAX_CONCURRENT_JOBS); "
+                "retry later or on another replica"
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+def stream_job(
+    job: Callable[[Callable[[Update], None]], Result], context: grpc.ServicerContext, name: str
+) -> Iterator[Update | Result]:
+    """Yield each update `job` reports through the callback it is given, then its
+    result; re-raise its error. When the call ends first (client cancelled or gone),
+    the job's next report raises JobCancelled inside it, and this waits for it to stop
+    so its resources are free before the slot is."""
+    updates: queue.Queue[Any] = queue.Queue()
+    stop = threading.Event()
+    context.add_callback(stop.set)  # runs when the call ends, cancelled or not
+    outcome: dict[str, Any] = {}
+
+    def report(update: Update) -> None:
+        if stop.is_set():
+            raise JobCancelled(f"{name}: the call ended")
+        updates.put(update)
+
+    def run() -> None:
+        try:
+            outcome["result"] = job(report)
+        except BaseException as error:  # noqa: BLE001 - re-raised on the call's thread
+            outcome["error"] = error
+        finally:
+            updates.put(_DONE)
+
+    # The copied context carries the call's job id into the worker's log lines.
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True)
+    worker.start()
+    try:
+        while (item := updates.get()) is not _DONE:
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["result"]
