@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/prunelab/v1/*.proto)
 STUBS := src/prunelab/v1/__init__.py
 
-.PHONY: help setup proto run test test-slow test-all bench lock clean
+.PHONY: help setup proto run test lint test-slow test-all bench lock clean
 
 help:        ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -33,6 +33,12 @@ run: setup  ## the main job on the embedded default model
 
 test: setup  ## the default test run (unit + integration, < 15 min on 2 cores)
 	$(PY) -m pytest -m "not slow and not cluster"
+
+lint: setup  ## ruff over code and tests
+	$(VENV)/bin/ruff check src tests services bench
+
+bench: setup  ## every benchmark script (prints tables; needs ../shared/data; minutes each). -P: bench/profile.py would shadow the stdlib profile module
+	for b in bench/*.py; do $(PY) -P $$b || exit 1; done
 
 test-slow: setup  ## end-to-end suites on the real model
 	$(PY) -m pytest -m "slow"
