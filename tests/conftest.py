@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.models", "fixtures.s3", "fixtures.grpc"]
+pytest_plugins = ["fixtures.models", "fixtures.s3", "fixtures.grpc", "fixtures.evaluate"]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

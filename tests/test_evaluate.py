@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fixtures.evaluate import SENTENCES, STUDY_FIXTURE_TASKS, fixture_file, fixture_rows
 from fixtures.models import tiny_causal_lm
 
 from prunelab.config import settings
@@ -22,52 +23,8 @@ from prunelab.evaluate.tasks import task_manager
 from prunelab.models import LlamaFamilyAdapter, load_model, save_checkpoint
 from prunelab.store import open_store
 
-TASK_FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
-STUDY_FIXTURE_TASKS = ("boolq", "hellaswag", "winogrande", "arc_challenge", "openbookqa", "piqa", "arc_easy")
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog",
-    "pruning removes heads and channels from every layer",
-    "a smaller model answers faster but may answer worse",
-    "perplexity measures how surprised the model is by the text",
-] * 6
-
-
-def fixture_file(task: str) -> Path:
-    [path] = TASK_FIXTURES.glob(f"{task}.*.jsonl")
-    return path
-
-
-def fixture_rows(task: str) -> list[dict]:
-    return [json.loads(line) for line in fixture_file(task).read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run far faster on one thread: on a busy machine, torch's thread pool
-    spends its time waiting for cores (a 64-wide forward took 150 ms instead of 8)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
-    return save_checkpoint(tiny_causal_lm(), tiny_tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny", {"method": "none"})
-
-
-@pytest.fixture
-def stored_tasks() -> None:
-    """The fixtures imported as the datasets named like their tasks, as a user would."""
-    for task in STUDY_FIXTURE_TASKS:
-        import_dataset(task, fixture_file(task))
-
-
-@pytest.fixture
-def text_file(tmp_path) -> Path:
-    path = tmp_path / "valid.txt"
-    path.write_text("\n".join(SENTENCES) + "\n")
-    return path
+# Registered here until tests/conftest.py lists it with the other fixture plugins.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def window_nlls(model, ids: list[int], seq_len: int) -> list[list[float]]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fixtures.evaluate import SENTENCES
 from google.protobuf import json_format
-from test_evaluate import SENTENCES, one_torch_thread, stored_tasks, text_file, tiny_checkpoint  # noqa: F401 - fixtures
 
 from prunelab.cli import main as cli_main
 from prunelab.evaluate.service import SERVICE_NAME, EvaluatorServicer, registration
@@ -23,6 +23,9 @@ from prunelab.rpc import call_in_process, check_health, error_detail, job_metada
 from prunelab.store import open_store
 from prunelab.v1.evaluator_pb2 import EvaluateRequest
 from prunelab.v1.evaluator_pb2_grpc import EvaluatorStub
+
+# Registered here until tests/conftest.py lists it with the other fixture plugins.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 MISSING_ARTIFACT = "artifact://" + "0" * 64
