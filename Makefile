@@ -29,7 +29,7 @@ $(STUBS): $(STAMP) $(PROTOS)
 	touch $@
 
 run: setup  ## the main job on the embedded default model
-	$(VENV)/bin/prunelab run examples/smollm2.yaml
+	$(if $(wildcard ../shared/data),PRUNELAB_DATA_DIR=$${PRUNELAB_DATA_DIR:-$(abspath ../shared/data)}) PRUNELAB_OFFLINE=$${PRUNELAB_OFFLINE:-true} $(VENV)/bin/prunelab run examples/smollm2.yaml
 
 test: setup  ## the default test run (unit + integration, < 15 min on 2 cores)
 	$(PY) -m pytest -m "not slow and not cluster"
@@ -51,3 +51,13 @@ lock:  ## rebuild requirements.txt from requirements.in in a scratch venv
 
 clean:  ## remove the venv and generated stubs
 	rm -rf $(VENV) src/prunelab/v1
+
+.PHONY: up-local down-local status-local
+up-local: setup  ## the service topology as local processes on 127.0.0.1 (SeaweedFS, orchestrator, workers, 2 evaluators)
+	$(PY) deploy/local/cluster.py up
+
+down-local:  ## stop what up-local started (SIGTERM, then SIGKILL)
+	$(PY) deploy/local/cluster.py down
+
+status-local:  ## the health of each process up-local started
+	$(PY) deploy/local/cluster.py status

@@ -60,6 +60,14 @@ class Settings:
     grpc_host: str  # bind address: 127.0.0.1 locally, [::] in containers
     device: str  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
     data_dir: Path | None  # folder of <name>/<split files> the dataset registry also reads
+    # The orchestrator: gRPC targets of the workers ("host:port", "dns:///evaluator:50051",
+    # "ipv4:127.0.0.1:p1,127.0.0.1:p2"); None runs that kind of job in-process.
+    pruner_addr: str | None
+    tuner_addr: str | None
+    evaluator_addr: str | None
+    profiler_addr: str | None
+    orchestrator_db: Path  # SQLite file holding studies and jobs
+    orchestrator_max_parallel: int  # jobs the orchestrator runs at once, all studies together
 
     def torch_device(self) -> str:
         """The device jobs run on; "auto" picks CUDA when this host has it."""
@@ -70,7 +78,7 @@ class Settings:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         home = Path(os.environ.get("PRUNELAB_HOME", "~/.prunelab")).expanduser().resolve()
         log_format = os.environ.get("PRUNELAB_LOG_FORMAT", "text")
         if log_format not in ("text", "json"):
@@ -95,6 +103,12 @@ class Settings:
             grpc_host=os.environ.get("PRUNELAB_GRPC_HOST", "127.0.0.1"),
             device=os.environ.get("PRUNELAB_DEVICE", "auto"),
             data_dir=Path(os.environ["PRUNELAB_DATA_DIR"]).expanduser() if os.environ.get("PRUNELAB_DATA_DIR") else None,
+            pruner_addr=os.environ.get("PRUNELAB_PRUNER_ADDR") or None,
+            tuner_addr=os.environ.get("PRUNELAB_TUNER_ADDR") or None,
+            evaluator_addr=os.environ.get("PRUNELAB_EVALUATOR_ADDR") or None,
+            profiler_addr=os.environ.get("PRUNELAB_PROFILER_ADDR") or None,
+            orchestrator_db=Path(os.environ.get("PRUNELAB_ORCHESTRATOR_DB", str(home / "orchestrator.db"))).expanduser().resolve(),
+            orchestrator_max_parallel=_int("PRUNELAB_ORCHESTRATOR_MAX_PARALLEL", 8),
         )
 
 

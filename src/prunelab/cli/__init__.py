@@ -14,7 +14,7 @@ from prunelab.errors import PrunelabError
 from prunelab.logs import setup_logging
 
 # Modules under prunelab.cli that contribute subcommands, in `--help` order.
-SUBCOMMAND_MODULES = ["data", "prune", "evaluate", "profile"]
+SUBCOMMAND_MODULES = ["data", "prune", "tune", "evaluate", "profile", "study"]
 
 EXIT_USAGE = 2  # argparse's own code for bad usage; domain errors use it too
 EXIT_FAILURE = 1

@@ -1,0 +1,312 @@
+"""prunelab's service topology as local processes, without containers.
+
+`make up-local` / `make down-local` / `make status-local` call this file; tests
+import it (`up`, `down`, `status`). On 127.0.0.1: SeaweedFS as the S3 store, then
+the orchestrator, pruner, tuner, profiler and two evaluator replicas, each its own
+`python services/<name>/main.py` process with its own PRUNELAB_GRPC_PORT. The
+orchestrator reaches the two evaluators as one target, `ipv4:127.0.0.1:P1,127.0.0.1:P2`
+(gRPC's ipv4 resolver takes a list; `prunelab.rpc.make_channel` round-robins
+over it), as it reaches a scaled Kubernetes Service through `dns:///evaluator:PORT`.
+
+PIDs, ports and the S3 key pair are in `<state dir>/state.json`, logs in
+`<state dir>/logs/`. The store's data and the orchestrator's database stay in the
+state dir across down/up; delete the folder to start afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from prunelab.errors import FailedPrecondition, PrunelabError, Unavailable
+from prunelab.rpc import check_health
+from prunelab.store.seaweed import HOST, free_ports, start_seaweed
+
+REPO = Path(__file__).resolve().parents[2]
+STATE_DIR = REPO / ".prunelab" / "local-cluster"
+DEFAULT_ORCHESTRATOR_PORT = 50051
+BUCKET = "prunelab-local"
+ACCESS_KEY = "prunelab-local"
+
+# Workers in start order, with their replica count; the orchestrator comes last,
+# pointed at them.
+WORKERS = {"pruner": 1, "tuner": 1, "evaluator": 2, "profiler": 1}
+ORCHESTRATOR = "orchestrator"
+
+READY_TIMEOUT_S = 180.0  # importing torch on a loaded 2-core machine is slow
+STOP_TIMEOUT_S = 30.0  # the servers drain for up to 25 s (prunelab.rpc.server)
+POLL_S = 0.5
+
+
+@dataclass
+class Process:
+    """One process of the cluster, as recorded in state.json."""
+
+    name: str  # "evaluator-2", "seaweedfs"
+    pid: int
+    started: float  # psutil's create_time: tells our process from a later one with the same PID
+    log: str
+    port: int | None = None  # gRPC port; None for SeaweedFS
+    health_service: str = ""  # what its health check asks for
+
+    def handle(self) -> psutil.Process | None:
+        """The live process, or None if it has exited (or its PID was reused)."""
+        try:
+            process = psutil.Process(self.pid)
+            if process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE:
+                return process
+        except psutil.NoSuchProcess:
+            pass
+        return None
+
+
+@dataclass
+class Cluster:
+    """What `up` started: the addresses to dial and the store's settings."""
+
+    state_dir: str
+    orchestrator: str  # host:port for the CLI
+    targets: dict[str, str]  # service -> gRPC target, e.g. evaluator -> ipv4:127.0.0.1:P1,127.0.0.1:P2
+    store_env: dict[str, str]  # PRUNELAB_STORE and PRUNELAB_S3_*: what a client needs to reach the store
+    processes: list[Process] = field(default_factory=list)
+    seaweed_ports: list[int] = field(default_factory=list)
+
+    def save(self) -> None:
+        path = state_path(Path(self.state_dir))
+        path.write_text(json.dumps(asdict(self), indent=2))
+        path.chmod(0o600)  # it holds the S3 secret key
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Cluster | None:
+        path = state_path(state_dir)
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        raw["processes"] = [Process(**p) for p in raw["processes"]]
+        return cls(**raw)
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / "state.json"
+
+
+def health_name(service: str) -> str:
+    return f"prunelab.v1.{service.capitalize()}"
+
+
+def entry_point(service: str) -> Path:
+    return REPO / "services" / service / "main.py"
+
+
+def ipv4_target(ports: list[int]) -> str:
+    return "ipv4:" + ",".join(f"{HOST}:{port}" for port in ports)
+
+
+def up(
+    state_dir: Path = STATE_DIR,
+    *,
+    orchestrator_port: int = DEFAULT_ORCHESTRATOR_PORT,
+    python: str = sys.executable,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> Cluster:
+    """Start the store and every service, wait until each is healthy, and return
+    the cluster. `orchestrator_port` 0 picks a free port.
+    Raises Unavailable (after stopping what it started) if one does not come up."""
+    state_dir = state_dir.resolve()
+    _refuse_if_running(state_dir)
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    # One call, so no two are the same; never the orchestrator's fixed port (free
+    # ports come from the ephemeral range, which holds 50051).
+    ports = iter([port for port in free_ports(sum(WORKERS.values()) + 2) if port != orchestrator_port])
+    orchestrator_port = orchestrator_port or next(ports)
+    store = start_seaweed(state_dir / "seaweedfs", ACCESS_KEY, secrets.token_hex(20))
+    cluster = Cluster(
+        state_dir=str(state_dir),
+        orchestrator=f"{HOST}:{orchestrator_port}",
+        targets={},
+        store_env={
+            "PRUNELAB_STORE": f"s3://{BUCKET}",
+            "PRUNELAB_S3_ENDPOINT": store.endpoint,
+            "PRUNELAB_S3_ACCESS_KEY": store.access_key,
+            "PRUNELAB_S3_SECRET_KEY": store.secret_key,
+            "PRUNELAB_S3_SECURE": "false",
+        },
+        processes=[Process("seaweedfs", store.process.pid, psutil.Process(store.process.pid).create_time(), str(store.log_path))],
+        seaweed_ports=list(store.ports.values()),
+    )
+    cluster.save()  # from here on, `down` can clean up whatever happens
+    try:
+        base_env = {**os.environ, **cluster.store_env, "PRUNELAB_GRPC_HOST": HOST}
+        for name in WORKERS:
+            replica_ports = [next(ports) for _ in range(WORKERS[name])]
+            for index, port in enumerate(replica_ports, start=1):
+                label = f"{name}-{index}" if WORKERS[name] > 1 else name
+                cluster.processes.append(_spawn(name, label, port, base_env, logs, python))
+            cluster.targets[name] = ipv4_target(replica_ports)
+        orchestrator_env = {
+            **base_env,
+            "PRUNELAB_ORCHESTRATOR_DB": str(state_dir / "orchestrator.db"),
+            **{f"PRUNELAB_{name.upper()}_ADDR": target for name, target in cluster.targets.items()},
+        }
+        cluster.processes.append(_spawn(ORCHESTRATOR, ORCHESTRATOR, orchestrator_port, orchestrator_env, logs, python))
+        cluster.targets[ORCHESTRATOR] = cluster.orchestrator
+        cluster.save()
+        _wait_healthy(cluster, ready_timeout)
+    except BaseException:  # Ctrl-C included: leave nothing running
+        down(state_dir)
+        raise
+    return cluster
+
+
+def _refuse_if_running(state_dir: Path) -> None:
+    previous = Cluster.load(state_dir)
+    if previous is None:
+        return
+    running = [p.name for p in previous.processes if p.handle() is not None]
+    if running:
+        raise FailedPrecondition(f"a local cluster is already running from {state_dir} ({', '.join(running)}); stop it first (make down-local)")
+    state_path(state_dir).unlink()  # left by a cluster that died without `down`
+
+
+def _spawn(service: str, label: str, port: int, env: dict[str, str], logs: Path, python: str) -> Process:
+    log_path = logs / f"{label}.log"
+    with log_path.open("wb") as log_file:
+        # A session of its own: a Ctrl-C in the terminal that ran `make up-local`
+        # does not reach the services; `down` stops them.
+        process = subprocess.Popen(
+            [python, str(entry_point(service))],
+            cwd=REPO,
+            env={**env, "PRUNELAB_GRPC_PORT": str(port)},
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Process(label, process.pid, psutil.Process(process.pid).create_time(), str(log_path), port, health_name(service))
+
+
+def _wait_healthy(cluster: Cluster, timeout: float) -> None:
+    pending = [p for p in cluster.processes if p.port is not None]
+    deadline = time.monotonic() + timeout
+    while pending:
+        for process in list(pending):
+            if process.handle() is None:
+                raise Unavailable(f"{process.name} exited during startup; the end of {process.log}:\n{_tail(process.log)}")
+            if _health(process) == "SERVING":
+                print(f"{process.name:<14} SERVING on {HOST}:{process.port}")
+                pending.remove(process)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(p.name for p in pending)
+            raise Unavailable(f"not healthy within {timeout:.0f} s: {names}; logs in {Path(cluster.state_dir) / 'logs'}")
+        if pending:
+            time.sleep(POLL_S)
+
+
+def _health(process: Process) -> str:
+    try:
+        return check_health(f"{HOST}:{process.port}", process.health_service, timeout=2.0)
+    except Unavailable:
+        return "UNREACHABLE"
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def down(state_dir: Path = STATE_DIR, timeout: float = STOP_TIMEOUT_S) -> list[str]:
+    """Stop every process `up` recorded (SIGTERM, then SIGKILL after `timeout`
+    seconds): the services first, the store last, so draining calls can still
+    reach it. Returns the names of the processes that were still running."""
+    state_dir = state_dir.resolve()
+    cluster = Cluster.load(state_dir)
+    if cluster is None:
+        return []
+    services = [p for p in cluster.processes if p.port is not None]
+    store = [p for p in cluster.processes if p.port is None]
+    stopped = _stop(services, timeout) + _stop(store, timeout)
+    # weed's gRPC listeners leave Unix sockets in /tmp named by port (see prunelab.store.seaweed)
+    for port in cluster.seaweed_ports:
+        for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            leftover.unlink(missing_ok=True)
+    state_path(state_dir).unlink()
+    return stopped
+
+
+def _stop(processes: list[Process], timeout: float) -> list[str]:
+    running = {p.name: handle for p in processes if (handle := p.handle()) is not None}
+    for handle in running.values():
+        handle.terminate()
+    _, still_running = psutil.wait_procs(list(running.values()), timeout=timeout)
+    for handle in still_running:
+        print(f"pid {handle.pid} ignored SIGTERM for {timeout:.0f} s; killing it")
+        handle.kill()
+    psutil.wait_procs(still_running, timeout=timeout)
+    return list(running)
+
+
+def status(state_dir: Path = STATE_DIR) -> dict[str, str]:
+    """Each recorded process's state: its health status name ("SERVING", ...),
+    "running" for the store, or "exited". Empty if no cluster was started."""
+    cluster = Cluster.load(state_dir.resolve())
+    if cluster is None:
+        return {}
+    states = {}
+    for process in cluster.processes:
+        if process.handle() is None:
+            states[process.name] = "exited"
+        else:
+            states[process.name] = _health(process) if process.port is not None else "running"
+    return states
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploy/local/cluster.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", type=Path, default=STATE_DIR, help="PIDs, logs, store data (default %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("up", help="start the cluster and wait until every service is healthy")
+    start.add_argument("--orchestrator-port", type=int, default=DEFAULT_ORCHESTRATOR_PORT, help="0: any free port (default %(default)s)")
+    start.add_argument("--timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for health (default %(default)s)")
+    commands.add_parser("down", help="stop every process of the cluster")
+    commands.add_parser("status", help="each process's health")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        try:
+            cluster = up(args.state_dir, orchestrator_port=args.orchestrator_port, ready_timeout=args.timeout)
+        except PrunelabError as err:
+            print(f"up-local: {err.reason}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("up-local: interrupted; stopped what had started", file=sys.stderr)
+            return 130
+        print(f"store: {cluster.store_env['PRUNELAB_STORE']} at http://{cluster.store_env['PRUNELAB_S3_ENDPOINT']}")
+        print(f"logs:  {Path(cluster.state_dir) / 'logs'}")
+        print(f"orchestrator: {cluster.orchestrator}   (prunelab run STUDY.yaml --orchestrator {cluster.orchestrator})")
+        print("stop it with: make down-local")
+        return 0
+    if args.command == "down":
+        stopped = down(args.state_dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "no local cluster was running")
+        return 0
+    states = status(args.state_dir)
+    if not states:
+        print("no local cluster (make up-local)")
+        return 1
+    for name, state in states.items():
+        print(f"{name:<14} {state}")
+    return 0 if all(state in ("SERVING", "running") for state in states.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Sending a job to the service that does it: over gRPC to a deployment, or to the
+very same servicer in this process (embedded mode). Both give a `JobCall`: the
+service's event stream, cancellable from another thread, failing with the same
+status codes; the orchestrator's retries and state handling sit above and cannot
+tell them apart.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from prunelab.config import Settings, settings
+from prunelab.orchestrate.graph import EVALUATE, KINDS, PROFILE, PRUNE, TUNE
+from prunelab.rpc import InProcessRpcError, RpcStatus, call_in_process, job_metadata, make_channel
+from prunelab.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where one kind of job is served: its proto module, service and method."""
+
+    module: str  # prunelab.v1.<module>_pb2 / _pb2_grpc
+    service: str  # the service's name in the proto
+    method: str
+    request: str  # the request message's name
+    servicer: str  # "prunelab.<domain>.service:<Class>"
+
+
+BINDINGS = {
+    PRUNE: Binding("pruner", "Pruner", "Prune", "PruneRequest", "prunelab.prune.service:PrunerServicer"),
+    TUNE: Binding("tuner", "Tuner", "Tune", "TuneRequest", "prunelab.tune.service:TunerServicer"),
+    EVALUATE: Binding("evaluator", "Evaluator", "Evaluate", "EvaluateRequest", "prunelab.evaluate.service:EvaluatorServicer"),
+    PROFILE: Binding("profiler", "Profiler", "Profile", "ProfileRequest", "prunelab.profile.service:ProfilerServicer"),
+}
+# Parts of results too bulky for a database row; the stored artifacts keep them.
+_BULKY = {PRUNE: [("report", "kept")], EVALUATE: [("report", "data", "lm_eval")]}
+
+
+class JobCall(Protocol):
+    """One dispatched job: its events (Progress, then the result), and a way to stop it."""
+
+    def __iter__(self) -> Iterator[Message]: ...
+
+    def cancel(self) -> bool: ...
+
+
+class NoResult(Exception):
+    """The stream ended without a result: the worker went away mid-job."""
+
+
+class Dispatcher(ABC):
+    @abstractmethod
+    def call(self, kind: str, request: Message, job_id: str) -> JobCall:
+        """Start the job; failures surface while iterating the returned call."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+def request_message(kind: str, fields: dict[str, Any], job_id: str) -> Message:
+    """The kind's request message with `fields` (protobuf JSON names) and the job id."""
+    request_class = getattr(_pb2(kind), BINDINGS[kind].request)
+    return json_format.ParseDict({**fields, "job_id": job_id}, request_class())
+
+
+def run_call(call: JobCall, on_progress: Callable[[common_pb2.Progress], None]) -> Message:
+    """Follow a call to its result, reporting each Progress event."""
+    for event in call:
+        which = event.WhichOneof("event")
+        if which == "progress":
+            on_progress(event.progress)
+        elif which is not None:
+            return getattr(event, which)
+    raise NoResult("the stream ended without a result")
+
+
+def result_dict(kind: str, result: Message) -> dict[str, Any]:
+    """A result message as JSON for the database, without the bulky parts."""
+    data = json_format.MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for path in _BULKY.get(kind, []):
+        parent = data
+        for part in path[:-1]:
+            parent = parent.get(part, {})
+        parent.pop(path[-1], None)
+    return data
+
+
+def output_model(kind: str, result: dict[str, Any]) -> str | None:
+    """The URI of the model a prune or tune job made."""
+    return result["artifact"]["uri"] if kind in (PRUNE, TUNE) else None
+
+
+class GrpcDispatcher(Dispatcher):
+    """Each kind to a gRPC target ("host:port", "dns:///evaluator:50051", "ipv4:a:p1,a:p2");
+    channels round-robin over every address a target resolves to."""
+
+    def __init__(self, targets: dict[str, str]):
+        self._channels = {target: make_channel(target) for target in set(targets.values())}
+        self._methods = {
+            kind: getattr(getattr(_pb2_grpc(kind), f"{BINDINGS[kind].service}Stub")(self._channels[target]), BINDINGS[kind].method)
+            for kind, target in targets.items()
+        }
+
+    def call(self, kind: str, request: Message, job_id: str) -> JobCall:
+        return self._methods[kind](request, metadata=job_metadata(job_id))
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+
+class InProcessDispatcher(Dispatcher):
+    """Each kind to its servicer object in this process, through `call_in_process`.
+    A servicer is made on its kind's first job, so a study imports only what it uses."""
+
+    def __init__(self, kinds: tuple[str, ...] = KINDS):
+        self._kinds = kinds
+        self._servicers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def call(self, kind: str, request: Message, job_id: str) -> JobCall:
+        method = getattr(self._servicer(kind), BINDINGS[kind].method)
+        return InProcessCall(call_in_process(method, request, job_metadata(job_id)))
+
+    def close(self) -> None:
+        pass  # servicers hold no connections; their jobs end with their calls
+
+    def _servicer(self, kind: str) -> Any:
+        if kind not in self._kinds:
+            raise ValueError(f"this dispatcher serves {', '.join(self._kinds)}, not {kind}")
+        with self._lock:
+            if kind not in self._servicers:
+                self._servicers[kind] = _make_servicer(kind)
+            return self._servicers[kind]
+
+
+class RoutingDispatcher(Dispatcher):
+    """Some kinds remote, the others in-process."""
+
+    def __init__(self, by_kind: dict[str, Dispatcher]):
+        self._by_kind = by_kind
+
+    def call(self, kind: str, request: Message, job_id: str) -> JobCall:
+        return self._by_kind[kind].call(kind, request, job_id)
+
+    def close(self) -> None:
+        for dispatcher in set(self._by_kind.values()):
+            dispatcher.close()
+
+
+class InProcessCall:
+    """An in-process stream with gRPC's cancel(): the servicer's generator is closed
+    at the next event, which stops its job as a client cancellation would."""
+
+    def __init__(self, events: Iterator[Message]):
+        self._events = events
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> bool:
+        self._cancelled.set()
+        return True
+
+    def __iter__(self) -> Iterator[Message]:
+        try:
+            for event in self._events:
+                if self._cancelled.is_set():
+                    break
+                yield event
+        finally:
+            self._events.close()  # type: ignore[attr-defined]
+        if self._cancelled.is_set():
+            raise InProcessRpcError(RpcStatus(grpc.StatusCode.CANCELLED, "cancelled by the orchestrator"))
+
+
+def dispatcher_from_settings(cfg: Settings | None = None) -> Dispatcher:
+    """gRPC for the kinds whose PRUNELAB_<SERVICE>_ADDR is set, in-process for the rest."""
+    cfg = cfg or settings()
+    targets = {kind: getattr(cfg, f"{BINDINGS[kind].module}_addr") for kind in KINDS}
+    remote = {kind: target for kind, target in targets.items() if target}
+    local = tuple(kind for kind in KINDS if kind not in remote)
+    if not remote:
+        return InProcessDispatcher()
+    if not local:
+        return GrpcDispatcher(remote)
+    grpc_dispatcher, in_process = GrpcDispatcher(remote), InProcessDispatcher(local)
+    return RoutingDispatcher({kind: grpc_dispatcher if kind in remote else in_process for kind in KINDS})
+
+
+def _pb2(kind: str) -> Any:
+    return importlib.import_module(f"prunelab.v1.{BINDINGS[kind].module}_pb2")
+
+
+def _pb2_grpc(kind: str) -> Any:
+    return importlib.import_module(f"prunelab.v1.{BINDINGS[kind].module}_pb2_grpc")
+
+
+def _make_servicer(kind: str) -> Any:
+    module, name = BINDINGS[kind].servicer.split(":")
+    servicer_class = getattr(importlib.import_module(module), name)
+    # The pruner's servicer defaults to the CPU; embedded mode uses the GPU when there is one.
+    return servicer_class(device=settings().torch_device()) if kind == PRUNE else servicer_class()

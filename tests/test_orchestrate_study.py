@@ -1,0 +1,156 @@
+"""Study files and their job graphs, without running anything: validation errors
+name the file, the field path and the allowed values; the shipped examples parse;
+expansion gives the jobs, dependencies and hashes the orchestrator relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunelab.cli import main as cli_main
+from prunelab.errors import InvalidArgument
+from prunelab.orchestrate.graph import EVALUATE, PROFILE, PRUNE, TUNE, expand
+from prunelab.orchestrate.study import load_study, parse_study
+
+REPO = Path(__file__).resolve().parent.parent
+STUDIES = Path(__file__).parent / "fixtures" / "studies"
+MINIMAL = {
+    "name": "mini",
+    "model": "smollm2-135m",
+    "pruning": {"methods": ["taylor", "l2"], "ratios": [0.2, 0.5]},
+    "evaluation": {"perplexity": {"corpora": ["wikitext2"], "seq_lens": [128]}, "tasks": ["boolq", "piqa"]},
+    "profiling": {},
+}
+
+
+def study_text(**changes) -> str:
+    document = {**MINIMAL, **changes}
+    return yaml.safe_dump({key: value for key, value in document.items() if value is not None})
+
+
+def error_lines(text: str) -> list[str]:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_study(text, "examples/bad.yaml")
+    return caught.value.reason.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"pruning": {"methods": ["taylor", "wanda"], "ratios": [0.2]}},
+         "examples/bad.yaml: pruning.methods[1]: unknown method 'wanda'; allowed: taylor, l1, l2, random"),
+        ({"pruning": [{"methods": ["l2"], "ratios": [0.2]}, {"methods": ["l2"], "ratios": [1.0]}]},
+         "examples/bad.yaml: pruning[1].ratios[0]: ratio must be in (0, 1), got 1.0"),
+        ({"pruning": {"methods": ["l2"], "ratios": [0.2], "semantics": ["layers"]}},
+         "examples/bad.yaml: pruning.semantics[0]: unknown semantics 'layers'; allowed: params_ratio, layer_ratio"),
+        ({"pruning": {"methods": ["l2"], "ratios": [0.2], "ratio": 0.3}},
+         "examples/bad.yaml: pruning.ratio: unknown key 'ratio'; allowed: methods, variants, ratios, semantics, layers"),
+        ({"pruning": {"methods": ["taylor"], "ratios": [0.2], "variants": ["second"]}},
+         "examples/bad.yaml: pruning.variants[0]: unknown taylor variant 'second'; allowed: vector, element1, element2, mix"),
+        ({"model": None}, "examples/bad.yaml: model: required but missing"),
+        ({"name": "My Study"}, "examples/bad.yaml: name: name 'My Study': use up to 64 lower-case letters"),
+        ({"evaluation": {"tasks": []}}, "examples/bad.yaml: evaluation: nothing to evaluate"),
+        ({"evaluation": None, "profiling": None}, "examples/bad.yaml: (top level): nothing to measure"),
+        ({"evaluation": {"tasks": ["boolq"], "missing_task_data": "download"}},
+         "examples/bad.yaml: evaluation.missing_task_data: unknown missing_task_data 'download'; allowed: skip, hub"),
+        ({"profiling": {"device": "gpu"}}, "examples/bad.yaml: profiling.device: device 'gpu': use cpu, cuda or cuda:N"),
+        ({"tuning": {"select": [{"method": "taylor"}], "settings": {"data": "wikitext2", "lr": -1}}},
+         "examples/bad.yaml: tuning.settings: lr: lr must be a positive number, got -1"),
+        ({"tuning": {"select": [{"method": "taylor"}], "settings": {"data": "wikitext2", "learning_rate": 1}}},
+         "examples/bad.yaml: tuning.settings: unknown key(s) 'learning_rate'; allowed: data, data_split"),
+    ],
+    ids=["method", "ratio-in-second-grid", "semantics", "unknown-key", "variant", "missing-model", "name",
+         "nothing-to-evaluate", "nothing-to-measure", "task-data-policy", "device", "tune-setting", "tune-key"],
+)
+def test_each_mistake_names_the_file_the_field_path_and_the_allowed_values(changes, expected):
+    lines = error_lines(study_text(**changes))
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+def test_unquoted_layer_ranges_are_explained():
+    text = study_text(pruning=None) + "pruning:\n  methods: [l2]\n  ratios: [0.2]\n  layers: [4:18]\n"
+    assert error_lines(text) == [
+        'examples/bad.yaml: pruning.layers[0]: write layer ranges in quotes ("4:18"): YAML reads an unquoted 4:18 as the number 258'
+    ]
+
+
+def test_every_mistake_of_a_file_is_reported_at_once_and_the_cli_exits_with_usage_error(capsys):
+    assert cli_main(["run", str(STUDIES / "bad.yaml")]) == 2
+    message = capsys.readouterr().err
+    for path in ("name", "pruning.methods[1]", "pruning.ratios[1]", "pruning.layers[0]", "pruning.ratio", "tuning.settings",
+                 "evaluation.dtype", "profiling.device"):
+        assert f"bad.yaml: {path}: " in message, path
+
+
+def test_not_yaml_and_not_a_mapping_are_refused():
+    assert "not valid YAML" in error_lines("name: [unclosed")[0]
+    assert "a study is a YAML mapping" in error_lines("- just\n- a list\n")[0]
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda path: path.name)
+def test_the_examples_parse_and_say_how_to_run_them(example):
+    study = load_study(example)
+    first_line = example.read_text().splitlines()[0]
+    assert first_line.startswith("# Run: prunelab run examples/") and example.name in first_line
+    assert expand(study)
+
+
+def test_the_default_study_is_the_promised_grid():
+    study = load_study(REPO / "examples" / "smollm2.yaml")
+    jobs = expand(study, frozenset(study.evaluation.tasks))  # no task data imported
+    pruned = {job.key for job in jobs if job.kind == PRUNE}
+    assert pruned == {f"prune {m} {r}%" for m in ("taylor", "l2", "random") for r in (20, 50)}
+    assert [job.key for job in jobs if job.kind == TUNE] == ["tune taylor 20% +LoRA"]
+    assert sum(job.kind == PROFILE for job in jobs) == 8  # base, six pruned, one tuned
+
+
+def test_the_tinyllama_study_reproduces_the_grid_in_both_semantics():
+    study = load_study(REPO / "examples" / "tinyllama-study.yaml")
+    prunes = [job for job in expand(study) if job.kind == PRUNE]
+    assert len(prunes) == 4 * 3 * 2
+    assert {(job.inputs["semantics"], job.inputs["attn_layers"]) for job in prunes if job.inputs["semantics"] == "layer_ratio"} == {
+        ("layer_ratio", "4:18")}
+    assert {job.inputs["ratio"] for job in prunes} == {0.3, 0.4, 0.7}
+    assert study.evaluation.tasks == ["boolq", "hellaswag", "winogrande", "arc_challenge", "openbookqa"]
+    assert study.evaluation.perplexity.seq_lens == [2048, 128] and study.evaluation.perplexity.corpora == ["wikitext2", "ptb"]
+
+
+def test_expansion_one_evaluate_job_per_corpus_seq_len_and_task_each_after_its_model():
+    study = parse_study(study_text(evaluation={"perplexity": {"corpora": ["wikitext2", "ptb"], "seq_lens": [128, 64]},
+                                               "tasks": ["boolq", "piqa"]}), "s.yaml")
+    jobs = expand(study, frozenset({"piqa"}))
+    order = {job.key: index for index, job in enumerate(jobs)}
+    base_evaluations = [job for job in jobs if job.kind == EVALUATE and job.meta["model"]["role"] == "base"]
+    assert sorted(job.key for job in base_evaluations) == sorted(
+        [f"evaluate base ppl {c}@{s}" for c in ("wikitext2", "ptb") for s in (128, 64)] + ["evaluate base task boolq"])
+    for job in jobs:
+        assert all(order[need] < order[job.key] for need in job.needs), job.key
+        if job.kind in (EVALUATE, PROFILE) and job.meta["model"]["role"] == "pruned":
+            assert job.needs == (f"prune {job.meta['model']['label']}",)
+            assert job.inputs["model"] == {"output_of": job.needs[0]}
+    profile = next(job for job in jobs if job.key == "profile l2 20%")
+    assert profile.inputs["baseline"] == "smollm2-135m"
+
+
+def test_identical_work_has_the_same_hash_across_studies_and_different_work_does_not():
+    first = {job.key: job.inputs_hash for job in expand(parse_study(study_text(), "a.yaml"))}
+    renamed = {job.key: job.inputs_hash for job in expand(parse_study(study_text(name="other"), "b.yaml"))}
+    assert renamed == first
+    more_windows = study_text(evaluation={"perplexity": {"corpora": ["wikitext2"], "seq_lens": [128], "max_windows": 5}})
+    changed = {job.key: job.inputs_hash for job in expand(parse_study(more_windows, "c.yaml"))}
+    assert changed["prune taylor 20%"] == first["prune taylor 20%"]
+    # the evaluation of a pruned model changes with the protocol; its hash chains to the prune job's
+    assert changed["evaluate taylor 20% ppl wikitext2@128"] != first["evaluate taylor 20% ppl wikitext2@128"]
+    other_seed = {job.key: job.inputs_hash for job in expand(parse_study(
+        study_text(pruning={"methods": ["taylor", "l2"], "ratios": [0.2, 0.5], "seed": 1}), "d.yaml"))}
+    assert other_seed["prune taylor 20%"] != first["prune taylor 20%"]
+    assert other_seed["evaluate taylor 20% ppl wikitext2@128"] != first["evaluate taylor 20% ppl wikitext2@128"]
+    assert other_seed["evaluate base ppl wikitext2@128"] == first["evaluate base ppl wikitext2@128"]
+
+
+def test_a_tuning_selection_that_matches_nothing_is_refused():
+    study = parse_study(study_text(tuning={"select": [{"method": "random"}], "settings": {"data": "wikitext2"}}), "t.yaml")
+    with pytest.raises(InvalidArgument, match=r"tuning.select\[0\]: \{'method': 'random'\} matches no pruned model"):
+        expand(study)
