@@ -8,14 +8,10 @@ next progress point, and the slot frees only once the job has stopped.
 
 from __future__ import annotations
 
-import contextvars
 import json
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -24,71 +20,38 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import prunelab
 from prunelab.config import settings
-from prunelab.errors import InvalidArgument, ResourceExhausted
+from prunelab.errors import InvalidArgument
 from prunelab.evaluate.evaluation import Evaluation, EvaluationSpec, ProgressUpdate, run_evaluation
 from prunelab.evaluate.perplexity import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from prunelab.evaluate.tasks import DEFAULT_SEED, TaskScore
+from prunelab.rpc.jobs import JobSlots, stream_job
 from prunelab.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
 
 SERVICE_NAME = "prunelab.v1.Evaluator"
 PRODUCER = "evaluator"
-_JOB_DONE = object()
 
 
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServicer):
     def __init__(self, max_concurrent_jobs: int | None = None):
-        self._max_jobs = max_concurrent_jobs or settings().max_concurrent_jobs
-        self._slots = threading.BoundedSemaphore(self._max_jobs)
+        self._slots = JobSlots(max_concurrent_jobs or settings().max_concurrent_jobs, "evaluator")
 
     def Evaluate(self, request: evaluator_pb2.EvaluateRequest, context: grpc.ServicerContext) -> Iterator[evaluator_pb2.EvaluateEvent]:
         spec = evaluation_spec(request)
-        if not self._slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"this evaluator already runs {self._max_jobs} job(s) (PRUNELAB_MAX_CONCURRENT_JOBS); "
-                "retry later or on another replica"
-            )
-        try:
-            for item in _run_in_thread(spec, context):
+
+        def job(report: Callable[[ProgressUpdate], None], should_stop: Callable[[], bool]) -> Evaluation:
+            return run_evaluation(spec, report=report, should_stop=should_stop)
+
+        with self._slots.admit():
+            for item in stream_job(job, context, name=f"evaluate-{spec.job_id}"):
                 if isinstance(item, ProgressUpdate):
                     yield evaluator_pb2.EvaluateEvent(progress=progress_message(item, request.job_id))
                 else:
                     yield evaluator_pb2.EvaluateEvent(result=result_message(item, request))
-        finally:
-            self._slots.release()
 
 
 def registration(servicer: EvaluatorServicer) -> Callable[[grpc.Server], None]:
     """What `prunelab.rpc.serve` takes to host `servicer`."""
     return lambda server: evaluator_pb2_grpc.add_EvaluatorServicer_to_server(servicer, server)
-
-
-def _run_in_thread(spec: EvaluationSpec, context: grpc.ServicerContext) -> Iterator[ProgressUpdate | Evaluation]:
-    """The job's progress updates as they come, then its Evaluation (or its error)."""
-    updates: queue.Queue[Any] = queue.Queue()
-    stop = threading.Event()
-    context.add_callback(stop.set)  # runs when the call ends, cancelled or not
-    outcome: dict[str, Any] = {}
-
-    def job() -> None:
-        try:
-            outcome["evaluation"] = run_evaluation(spec, report=updates.put, should_stop=stop.is_set)
-        except BaseException as error:  # noqa: BLE001 - handed to the call's thread, which raises it
-            outcome["error"] = error
-        finally:
-            updates.put(_JOB_DONE)
-
-    # The copied context carries the call's job id into the worker's log lines.
-    worker = threading.Thread(target=contextvars.copy_context().run, args=(job,), name=f"evaluate-{spec.job_id}")
-    worker.start()
-    try:
-        while (item := updates.get()) is not _JOB_DONE:
-            yield item
-    finally:
-        stop.set()
-        worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    yield outcome["evaluation"]
 
 
 # ---- messages

@@ -36,7 +36,8 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServicer):
         prune_settings.validate()  # INVALID_ARGUMENT before taking a slot
         split = request.calibration_split or "train"
 
-        def job(report: Callable[[ProgressUpdate], None]) -> PruneOutcome:
+        def job(report: Callable[[ProgressUpdate], None], _should_stop: Callable[[], bool]) -> PruneOutcome:
+            # the pruner stops at its next progress report (stream_job raises there)
             return run_prune(
                 request.model, prune_settings, device=self.device, calibration_split=split,
                 progress=lambda phase, fraction, message: report(ProgressUpdate(phase, fraction, message)),

@@ -50,12 +50,12 @@ class JobSlots:
 
 
 def stream_job(
-    job: Callable[[Callable[[Update], None]], Result], context: grpc.ServicerContext, name: str
+    job: Callable[[Callable[[Update], None], Callable[[], bool]], Result], context: grpc.ServicerContext, name: str
 ) -> Iterator[Update | Result]:
-    """Yield each update `job` reports through the callback it is given, then its
-    result; re-raise its error. When the call ends first (client cancelled or gone),
-    the job's next report raises JobCancelled inside it, and this waits for it to stop
-    so its resources are free before the slot is."""
+    """Run `job(report, should_stop)`: yield each update it reports, then its result;
+    re-raise its error. When the call ends first (client cancelled or gone),
+    `should_stop()` turns true and the job's next report raises JobCancelled inside
+    it; this waits for the job to stop so its resources are free before the slot is."""
     updates: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
     context.add_callback(stop.set)  # runs when the call ends, cancelled or not
@@ -68,7 +68,7 @@ def stream_job(
 
     def run() -> None:
         try:
-            outcome["result"] = job(report)
+            outcome["result"] = job(report, stop.is_set)
         except BaseException as error:  # noqa: BLE001 - re-raised on the call's thread
             outcome["error"] = error
         finally:

@@ -30,7 +30,8 @@ class TunerServicer(tuner_pb2_grpc.TunerServicer):
         tune_settings = settings_from_request(request)
         check_tune_inputs(tune_settings)  # INVALID_ARGUMENT before taking a slot
 
-        def job(report: Callable[[TuneUpdate], None]) -> TuneOutcome:
+        def job(report: Callable[[TuneUpdate], None], _should_stop: Callable[[], bool]) -> TuneOutcome:
+            # training stops at its next progress report (stream_job raises there)
             return run_tune(request.model, tune_settings, device=self.device, progress=report)
 
         with self.slots.admit():
