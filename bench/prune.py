@@ -2,12 +2,13 @@
 
 For taylor (element1), l1, l2 and random at 20 %, 28.9 % and 50 % of the whole
 model's parameters: ratio got, wall time, peak memory, and WikiText-2 perplexity
-as LLM-Pruner computes it. Run: `.venv/bin/python bench/prune.py` (about 20 min on
-2 cores). Needs ../shared/data (WikiText-2 and PTB validation text).
+as LLM-Pruner computes it. Run: `.venv/bin/python -P bench/prune.py` (about 12 min
+on 2 cores). Needs ../shared/data (WikiText-2 and PTB validation text).
 
 Protocol (printed with the table):
 - calibration: 10 windows x 64 tokens of PTB validation text (as the LLM-Pruner
-  baseline in issue #3 was run), seed 0; correction: 32 further windows of 64 tokens;
+  baseline in issue #3 was run), seed 0; the least-squares correction uses the
+  same windows' activations, collected during the Taylor pass;
 - perplexity: ../shared/data/wikitext2/valid.tokens, lines joined with blank lines,
   tokenized once, first 300 non-overlapping windows of 128 tokens, fp32;
 - each prune runs as `prunelab prune --json` in a fresh process, so wall time is the

@@ -188,8 +188,7 @@ def test_identical_jobs_of_a_later_study_reuse_earlier_results(orchestrator, stu
     running = orchestrator(InProcessDispatcher((PRUNE, EVALUATE)))
     first = parse_study(study_yaml(name="first", tuning=None, profiling=None, evaluation=ppl_only(text_dir)), "first.yaml")
     second = parse_study(study_yaml(name="second", tuning=None, profiling=None, evaluation=ppl_only(text_dir),
-                                    pruning={"methods": ["taylor", "l2"], "ratios": [0.2, 0.3], "layers": ["1:3"],
-                                             "correction_samples": 2}), "second.yaml")
+                                    pruning={"methods": ["taylor", "l2"], "ratios": [0.2, 0.3], "layers": ["1:3"]}), "second.yaml")
     first_jobs = {job.key: job for job in finished(running.db, running.submit(first, "first.yaml")[0])}
     second_jobs = finished(running.db, running.submit(second, "second.yaml")[0])
 
@@ -250,7 +249,7 @@ def test_a_killed_orchestrator_resumes_without_redoing_finished_jobs(study_yaml,
     [port] = free_ports(1)
     env = {**os.environ, "PRUNELAB_GRPC_PORT": str(port), "PRUNELAB_ORCHESTRATOR_MAX_PARALLEL": "1", "OMP_NUM_THREADS": "1",
            "PRUNELAB_LOG_LEVEL": "WARNING"}
-    pruning = {"methods": ["l2", "random"], "ratios": [0.2], "layers": ["1:3"], "correction_samples": 2}
+    pruning = {"methods": ["l2", "random"], "ratios": [0.2], "layers": ["1:3"]}
     # profiles as the work (no lm-eval to import): a few seconds each
     profiling = {"seq_len": 8, "batch_sizes": [1], "gen_tokens": 8, "repeats": 30, "warmup": 0, "skip_memory": True}
     text = study_yaml(tuning=None, evaluation=None, pruning=pruning, profiling=profiling)

@@ -13,24 +13,33 @@ from prunelab.config import settings
 from prunelab.errors import PrunelabError
 from prunelab.logs import setup_logging
 
-# Modules under prunelab.cli that contribute subcommands, in `--help` order.
-SUBCOMMAND_MODULES = ["data", "prune", "tune", "evaluate", "profile", "study"]
+# Subcommand -> the module under prunelab.cli that registers it, in `--help` order.
+# Only the chosen command's module is imported: evaluate and profile pull in
+# lm-eval and ptflops at import, seconds that `prunelab prune` should not pay.
+COMMAND_MODULES = {
+    "data": "data", "prune": "prune", "tune": "tune", "evaluate": "evaluate", "profile": "profile",
+    "run": "study", "status": "study", "watch": "study", "report": "study", "cancel": "study",
+}
 
 EXIT_USAGE = 2  # argparse's own code for bad usage; domain errors use it too
 EXIT_FAILURE = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command` alone when it is known, else for every command
+    (`--help`, a typo: argparse then lists them all)."""
     parser = argparse.ArgumentParser(prog="prunelab", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    modules = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else dict.fromkeys(COMMAND_MODULES.values())
+    for name in modules:
         importlib.import_module(f"prunelab.cli.{name}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         cfg = settings()
         setup_logging(cfg.log_level, cfg.log_format)

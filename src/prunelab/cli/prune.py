@@ -33,7 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-correction", dest="correction", action="store_false",
                         help="skip the least-squares refit of o_proj/down_proj (pure LLM-Pruner)")
-    parser.add_argument("--correction-samples", type=int, default=32, help="windows for the refit (default 32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default PRUNELAB_DEVICE, else auto)")
     parser.add_argument("--out", type=Path, default=None, help="also write the checkpoint to this new directory")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
@@ -48,7 +47,7 @@ def _prune(args: argparse.Namespace) -> int:
         ratio=args.ratio, method=args.method, variant=args.variant, aggregation=args.aggregation,
         semantics=args.semantics, mode=args.mode, allocation=args.allocation, attn_layers=args.attn_layers,
         mlp_layers=args.mlp_layers, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
-        seed=args.seed, correction=args.correction, correction_samples=args.correction_samples,
+        seed=args.seed, correction=args.correction,
     )
     progress = _quiet if args.json else _print_progress
     outcome = run_prune(

@@ -134,7 +134,6 @@ def _prune_settings(study: Study, grid: PruningGrid, point: dict[str, Any]) -> d
         "seq_len": calibration.seq_len,
         "seed": grid.seed,
         "correction": grid.correction,
-        "correction_samples": grid.correction_samples,
         "mode": grid.mode,
     }
 

@@ -131,7 +131,6 @@ class PruningGrid(Section):
     mode: Annotated[str, _one_of("mode", MODES)] = "block"
     allocation: Annotated[str, _one_of("allocation", ALLOCATIONS)] = "uniform"
     correction: bool = True
-    correction_samples: Positive = 32
     seed: NonNegative = 0
 
 

@@ -10,7 +10,8 @@ and the squared-gradient accumulator exists only for the second-order variants.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -31,11 +32,14 @@ def _lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
 
 
 def taylor_gradients(
-    model: nn.Module, params: Iterable[nn.Parameter], windows: torch.Tensor, *, fisher: bool
+    model: nn.Module, params: Iterable[nn.Parameter], windows: torch.Tensor, *, fisher: bool,
+    around_batch_pass: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor]]:
     """Gradient of the mean calibration loss for `params` and, when `fisher`, the
     mean over samples of each sample's squared gradient (LLM-Pruner's acc_grad).
-    Every other parameter is frozen for the duration and restored after."""
+    Every other parameter is frozen for the duration and restored after. The one
+    forward pass over all windows runs inside `around_batch_pass()`, so callers can
+    observe its activations without a pass of their own."""
     params = list(params)
     wanted = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in wanted and p.requires_grad]
@@ -54,7 +58,9 @@ def taylor_gradients(
                     acc = p.grad.pow(2).div_(len(windows))
                     squared[p] = squared[p].add_(acc) if p in squared else acc
                     p.grad = None
-        _lm_loss(model, windows).backward()
+        with around_batch_pass():
+            loss = _lm_loss(model, windows)
+        loss.backward()
         grads = {p: p.grad for p in params}
         for p in params:
             p.grad = None

@@ -7,11 +7,14 @@ least squares so the projection reproduces the unpruned output as well as the
 kept channels allow:
 
     W'_K = argmin ||x_K W'_K^T - x W^T||^2 + lam ||W'_K - W_K||^2
-         = (W G[:, K] + lam W_K) (G[K, K] + lam I)^-1,      G = x^T x  (d, d)
+         = W_K + W_R G[R, K] (G[K, K] + lam I)^-1,      G = x^T x  (d, d)
 
-Only the Gram matrix G is needed, accumulated by a forward hook, so the cost is
-one forward pass over the calibration tokens and a (k, k) solve per layer; the
-model's architecture is unchanged (no new biases). This is the same least-squares
+with R the removed columns: the removed channels' contribution is predicted
+from the kept channels that correlate with them.
+
+Only the Gram matrix G is needed, accumulated by a forward hook during the
+calibration pass the importance already makes, so the cost is a (d, d) product
+per pass and a (k, k) solve per layer; the model's architecture is unchanged (no new biases). This is the same least-squares
 reconstruction that layer-wise pruning methods use (e.g. SparseGPT/ZipLM-style
 "optimal brain" updates without the iterative column order); prunelab applies
 it once after structured removal, written here because no library offers it for
@@ -26,20 +29,27 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# Relative ridge toward the original weights: lam = DAMPING * mean(diag(G)). Keeps
-# the solve well-posed when the calibration has fewer tokens than channels or
-# channels are collinear, and falls back to plain removal as lam grows.
-DAMPING = 0.01
+# Ridge toward the original weights: lam = DAMPING * mean(diag(G)). Calibration is
+# small (LLM-Pruner's 10 x 64 tokens, fewer than down_proj's inputs), so G is
+# rank-deficient and a weak ridge overfits it. Measured on SmolLM2-135M, taylor,
+# 28.9 % removed, 10 x 64 PTB tokens, WikiText-2 ppl (seq 128, 300 windows):
+# no correction 197; DAMPING 0.01 -> 1698, 0.1 -> 187, 1 -> 143, 3 -> 143, 10 -> 149.
+DAMPING = 1.0
 
 
 class GramAccumulator:
-    """Sums x^T x of the inputs of chosen Linear modules during forward passes."""
+    """Sums x^T x of the inputs of chosen Linear modules. Hooks stay attached while
+    `watching`, but only passes run inside `recording()` count, so a caller can
+    share one forward pass (e.g. the Taylor pass) and skip others."""
 
     def __init__(self) -> None:
         self.grams: dict[nn.Linear, torch.Tensor] = {}
         self.tokens: dict[nn.Linear, int] = {}
+        self._recording = False
 
     def hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        if not self._recording:
+            return
         # float32 sums are exact enough for a damped solve and twice as fast as float64 on CPU
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, d)
         gram = x.T @ x
@@ -47,7 +57,7 @@ class GramAccumulator:
         self.tokens[module] = self.tokens.get(module, 0) + x.shape[0]
 
     @contextmanager
-    def watching(self, modules: list[nn.Linear]) -> Iterator["GramAccumulator"]:
+    def watching(self, modules: list[nn.Linear]) -> Iterator[GramAccumulator]:
         handles = [m.register_forward_hook(self.hook) for m in modules]
         try:
             yield self
@@ -55,14 +65,27 @@ class GramAccumulator:
             for handle in handles:
                 handle.remove()
 
+    @contextmanager
+    def recording(self) -> Iterator[GramAccumulator]:
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
+
 
 def refit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """New weight (out, len(kept)) for a projection whose input keeps only `kept`
     columns, given the unpruned weight (out, d) and the input Gram matrix (d, d)."""
-    gram = gram.double()  # the (k, k) solve is cheap; do it in double
-    g_kk = gram[kept][:, kept]
+    # float32 throughout: the ridge bounds the system's condition number by
+    # (largest eigenvalue + lam) / lam, and float64 products cost 4x on CPUs.
+    gram = gram.float()
+    w = weight.float()
+    removed = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
+    removed[kept] = False
     lam = damping * torch.diagonal(gram).mean().clamp_min(1e-12)
-    w = weight.double()
-    rhs = w @ gram[:, kept] + lam * w[:, kept]  # (out, k)
-    solved = torch.linalg.solve(g_kk + lam * torch.eye(len(kept), dtype=gram.dtype), rhs.T).T
-    return solved.to(weight.dtype)
+    g_kk = gram[kept][:, kept] + lam * torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
+    carried = w[:, removed] @ gram[removed][:, kept]  # (out, k): W_R G[R, K]
+    # g_kk is symmetric positive definite, so a Cholesky solve: X g_kk = carried
+    shift = torch.cholesky_solve(carried.T, torch.linalg.cholesky(g_kk)).T
+    return (w[:, kept] + shift).to(weight.dtype)

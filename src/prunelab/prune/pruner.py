@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -61,14 +60,13 @@ class PruneSettings:
     samples: int = 10
     seq_len: int = 64
     seed: int = 0
-    # Least-squares refit of o_proj/down_proj on calibration activations (see
-    # correction.py); `correction_samples` windows of `seq_len` tokens feed it.
+    # Least-squares refit of o_proj/down_proj on the calibration windows'
+    # activations (see correction.py).
     correction: bool = True
-    correction_samples: int = 32
 
     def validate(self) -> None:
         check_ratio(self.ratio)
-        self.criterion  # raises on an unknown method / variant / aggregation
+        _ = self.criterion  # building it raises on an unknown method, variant or aggregation
         for name, value, allowed in (
             ("semantics", self.semantics, SEMANTICS),
             ("mode", self.mode, MODES),
@@ -76,7 +74,7 @@ class PruneSettings:
         ):
             if value not in allowed:
                 raise InvalidArgument(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}", field=name)
-        for name in ("samples", "seq_len", "correction_samples"):
+        for name in ("samples", "seq_len"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
 
@@ -155,11 +153,10 @@ class BlockPruner(_Pruner):
         params_before = self.adapter.num_parameters()
         shapes = layer_shapes(self.adapter)
         plan = self._plan(shapes, params_before)  # fails fast, before any heavy work
-        scores = self._timed("importance", self._importance)
+        scores, grams = self._timed("importance", self._importance, self._correction_targets(plan))
         if s.allocation == "global":
             plan = global_plan(scores, shapes, plan.removed_params(shapes), self.attn_layers, self.mlp_layers)
         kept = choose_kept(scores, plan, shapes)
-        grams = self._timed("activations", self._activation_grams, kept) if s.correction else {}
         self._timed("prune", self._apply, kept, grams)
         params_after = self.adapter.num_parameters()
         ratio_got = 1 - params_after / params_before
@@ -193,43 +190,49 @@ class BlockPruner(_Pruner):
             slices[(i, "mlp_channels")] = mlp_slices(self.adapter.layers[i].mlp)
         return slices
 
-    def _importance(self) -> dict[tuple[int, str], torch.Tensor]:
+    def _correction_targets(self, plan: RemovalPlan) -> list[torch.nn.Linear]:
+        """The o_proj / down_proj whose inputs may lose channels: their input Grams
+        feed the correction. With global allocation any allowed layer may lose some."""
+        if not self.settings.correction:
+            return []
+        anywhere = self.settings.allocation == "global"
+        targets = [self.adapter.projections(i).o for i in self.attn_layers if anywhere or plan.kv_groups[i]]
+        return targets + [self.adapter.projections(i).down for i in self.mlp_layers if anywhere or plan.mlp_channels[i]]
+
+    def _importance(self, gram_targets: list[torch.nn.Linear]) -> tuple[dict[tuple[int, str], torch.Tensor], dict]:
+        """Scores per block, and the input Grams of `gram_targets` for the correction."""
         s = self.settings
-        criterion = s.criterion
         slices = self._block_slices()
-        grads, fisher = {}, {}
-        if criterion.needs_gradients:
-            self.progress("calibrate", 0.1, f"{s.samples} windows of {s.seq_len} tokens from {s.calibration}")
-            windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed)
-            params = [sl.param for group in slices.values() for sl in group]
-            grads, fisher = taylor_gradients(self.model, params, windows.to(self.model.device), fisher=criterion.needs_fisher)
+        grads, fisher, grams = self._calibration_pass(slices, gram_targets)
         self.progress("importance", 0.4, f"scoring {len(slices)} blocks by {s.method}")
         widths = self.adapter.layer_widths()
         scores = {}
         for (i, kind), group in slices.items():
             n = widths[i].num_key_value_heads if kind == "kv_groups" else widths[i].intermediate_size
-            scores[(i, kind)] = group_scores(group, criterion, n, self.generator, grads, fisher)
-        return scores
+            scores[(i, kind)] = group_scores(group, s.criterion, n, self.generator, grads, fisher)
+        return scores, grams
 
-    def _activation_grams(self, kept: dict[int, dict[str, list[int]]]) -> dict[torch.nn.Linear, torch.Tensor]:
-        """Input Gram matrices of the o_proj / down_proj whose inputs lose channels,
-        from one no-grad pass of the unpruned model over the correction windows."""
+    def _calibration_pass(self, slices: dict[tuple[int, str], list[Slice]], gram_targets: list[torch.nn.Linear]):
+        """Gradients (Taylor) and Grams (correction) from the calibration windows. The
+        Grams ride along the Taylor pass when there is one: one pass over the unpruned
+        model serves both, else a no-grad pass of the decoder alone collects them."""
         s = self.settings
-        self.progress("activations", 0.6, f"{s.correction_samples} windows for the least-squares correction")
-        targets = []
-        for i, k in kept.items():
-            proj = self.adapter.projections(i)
-            if "kv_groups" in k:
-                targets.append(proj.o)
-            if "mlp_channels" in k:
-                targets.append(proj.down)
-        windows = calibration_windows(self.tokenizer, self.text, s.correction_samples, s.seq_len, s.seed + 1)
+        criterion = s.criterion
+        if not (criterion.needs_gradients or gram_targets):
+            return {}, {}, {}
+        self.progress("calibrate", 0.1, f"{s.samples} windows of {s.seq_len} tokens from {s.calibration}")
+        windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed).to(self.model.device)
         accumulator = GramAccumulator()
-        decoder = self.model.get_decoder()  # the LM head's logits are not needed here
-        with torch.no_grad(), accumulator.watching(targets):
-            for batch in windows.split(8):
-                decoder(input_ids=batch.to(self.model.device), use_cache=False)
-        return accumulator.grams
+        grads, fisher = {}, {}
+        with accumulator.watching(gram_targets):
+            if criterion.needs_gradients:
+                params = [sl.param for group in slices.values() for sl in group]
+                grads, fisher = taylor_gradients(self.model, params, windows, fisher=criterion.needs_fisher,
+                                                 around_batch_pass=accumulator.recording)
+            else:
+                with torch.no_grad(), accumulator.recording():
+                    self.model.get_decoder()(input_ids=windows, use_cache=False)  # logits are not needed
+        return grads, fisher, accumulator.grams
 
     @torch.no_grad()
     def _apply(self, kept: dict[int, dict[str, list[int]]], grams: dict) -> None:
