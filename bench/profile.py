@@ -152,7 +152,7 @@ def _checkpoint(base, cut: Cut, out: Path) -> Path:
         return path
     copy = load_model(BASE)
     adapter = LlamaFamilyAdapter(copy.model)
-    for layer, (groups, channels) in enumerate(zip(cut.kv_groups, cut.mlp_channels)):
+    for layer, (groups, channels) in enumerate(zip(cut.kv_groups, cut.mlp_channels, strict=False)):
         adapter.keep_kv_groups(layer, list(range(groups)))
         adapter.keep_mlp_channels(layer, list(range(channels)))
     provenance = {"base_model_id": base.source.base_id, "base_model_sha256": base.source.sha256, "method": "bench slice (first units kept)"}

@@ -4,7 +4,6 @@ SeaweedFS server on 127.0.0.1), grpc (servers on real sockets)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -181,13 +181,13 @@ def test_profile_against_a_baseline_pairs_the_rounds(checkpoints):
         assert profile.checkpoint_bytes == sum(f.stat().st_size for f in Path(profile.spec).iterdir())
         assert profile.memory is None  # not asked for
         assert [latency.batch_size for latency in profile.latency] == [1, 3]
-    for own, theirs in zip(small.latency, base.latency):
+    for own, theirs in zip(small.latency, base.latency, strict=False):
         assert theirs.speedup is None
         for spread in (own.prefill_ms, own.decode_tokens_per_s, theirs.prefill_ms, theirs.decode_tokens_per_s):
             assert len(spread.samples) == QUICK.repeats and spread.min > 0
         # each ratio comes from one round, where the two models ran back to back
-        prefill = [b / s for s, b in zip(own.prefill_ms.samples, theirs.prefill_ms.samples)]
-        decode = [s / b for s, b in zip(own.decode_tokens_per_s.samples, theirs.decode_tokens_per_s.samples)]
+        prefill = [b / s for s, b in zip(own.prefill_ms.samples, theirs.prefill_ms.samples, strict=False)]
+        decode = [s / b for s, b in zip(own.decode_tokens_per_s.samples, theirs.decode_tokens_per_s.samples, strict=False)]
         assert own.speedup.prefill.samples == pytest.approx(prefill)
         assert own.speedup.decode.samples == pytest.approx(decode)
     assert report.environment.threads == 1 and report.environment.device == "cpu"
@@ -202,7 +202,7 @@ def test_report_rows_are_table_7_with_speed(checkpoints):
     assert small_row.params_ratio == report.models[0].params.total / report.baseline.params.total
     assert small_row.macs_ratio == report.models[0].macs / report.baseline.macs
     assert small_row.memory_bytes is None and small_row.memory_ratio is None
-    assert [b.decode_speedup for b in small_row.batches] == [l.speedup.decode.median for l in report.models[0].latency]
+    assert [b.decode_speedup for b in small_row.batches] == [latency.speedup.decode.median for latency in report.models[0].latency]
     assert [b.decode_speedup for b in base_row.batches] == [None, None]
     table = render_markdown([base_row, small_row]).splitlines()
     assert len(table) == 4 and "b3 decode tok/s" in table[0] and table[3].startswith("| small |")

@@ -93,7 +93,10 @@ class ProgressUpdate:
     total: int
 
 
-def profile_models(models: Sequence[str], *, baseline: str | None = None, options: ProfileOptions = ProfileOptions()) -> ProfileReport:
+DEFAULT_OPTIONS = ProfileOptions()  # frozen, so one shared default is safe
+
+
+def profile_models(models: Sequence[str], *, baseline: str | None = None, options: ProfileOptions = DEFAULT_OPTIONS) -> ProfileReport:
     """`run_profile` to its end, progress logged."""
     for event in run_profile(models, baseline=baseline, options=options):
         if isinstance(event, ProfileReport):
@@ -103,7 +106,7 @@ def profile_models(models: Sequence[str], *, baseline: str | None = None, option
 
 
 def run_profile(
-    models: Sequence[str], *, baseline: str | None = None, options: ProfileOptions = ProfileOptions()
+    models: Sequence[str], *, baseline: str | None = None, options: ProfileOptions = DEFAULT_OPTIONS
 ) -> Iterator[ProgressUpdate | ProfileReport]:
     """Profile `models` (specs as `load_model` takes them), each against `baseline` if given."""
     options.validate()
@@ -240,7 +243,7 @@ def _model_profile(
 def _batch_latency(batch_size: int, runs: list[GenerationTiming], baseline_runs: list[GenerationTiming] | None) -> BatchLatency:
     speedup = None
     if baseline_runs is not None:
-        pairs = list(zip(runs, baseline_runs))  # the two runs of one round
+        pairs = list(zip(runs, baseline_runs, strict=False))  # the two runs of one round
         speedup = Speedup(
             prefill=Spread.of([base.prefill_s / own.prefill_s for own, base in pairs]),
             decode=Spread.of([own.decode_tokens_per_s / base.decode_tokens_per_s for own, base in pairs]),

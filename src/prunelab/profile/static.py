@@ -83,7 +83,7 @@ class MacBreakdown:
 def count_parameters(model: PreTrainedModel) -> ParamCounts:
     adapter = LlamaFamilyAdapter(model)
     tied = adapter.tied_embeddings
-    layers = [_layer_params(block, widths) for block, widths in zip(adapter.layers, adapter.layer_widths())]
+    layers = [_layer_params(block, widths) for block, widths in zip(adapter.layers, adapter.layer_widths(), strict=False)]
     return ParamCounts(
         total=_numel(model),
         embeddings=_numel(model.get_input_embeddings()),

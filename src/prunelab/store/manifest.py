@@ -135,7 +135,7 @@ class Manifest:
         )
 
     @classmethod
-    def build(cls, kind: str, meta: dict[str, Any] | None, sources: dict[str, Path]) -> "Manifest":
+    def build(cls, kind: str, meta: dict[str, Any] | None, sources: dict[str, Path]) -> Manifest:
         """Hash each source file; `sources` maps relative path -> file on disk."""
         meta = dict(meta or {})
         try:
@@ -148,7 +148,7 @@ class Manifest:
         return cls(check_kind(kind), meta, entries)
 
     @classmethod
-    def parse(cls, data: bytes, digest: str) -> "Manifest":
+    def parse(cls, data: bytes, digest: str) -> Manifest:
         """The manifest stored for `digest`, checked against it and for safe paths."""
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest:

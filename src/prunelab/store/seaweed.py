@@ -92,7 +92,7 @@ class SeaweedServer:
             for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 leftover.unlink(missing_ok=True)
 
-    def __enter__(self) -> "SeaweedServer":
+    def __enter__(self) -> SeaweedServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,7 +118,7 @@ def start_seaweed(
     data_dir.mkdir(parents=True, exist_ok=True)
     keys_path = data_dir / "s3-identities.json"
     keys_path.write_text(json.dumps(_identities(access_key, secret_key)))
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=False))
     command = [
         str(binary), "mini",
         f"-dir={data_dir / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
