@@ -31,8 +31,8 @@ $(STUBS): $(STAMP) $(PROTOS)
 run: setup  ## the main job on the embedded default model
 	$(if $(wildcard ../shared/data),PRUNELAB_DATA_DIR=$${PRUNELAB_DATA_DIR:-$(abspath ../shared/data)}) PRUNELAB_OFFLINE=$${PRUNELAB_OFFLINE:-true} $(VENV)/bin/prunelab run examples/smollm2.yaml
 
-test: setup  ## the default test run (unit + integration, < 15 min on 2 cores)
-	$(PY) -m pytest -m "not slow and not cluster"
+test: setup lint  ## ruff, then the default test run: unit, integration and the multi-process cluster (< 15 min on 2 cores)
+	$(PY) -m pytest -m "not slow"
 
 lint: setup  ## ruff over code and tests
 	$(VENV)/bin/ruff check src tests services bench

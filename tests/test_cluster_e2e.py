@@ -34,6 +34,9 @@ def test_a_study_on_the_local_cluster_survives_a_killed_evaluator_and_matches_th
 
     running = local_cluster.up(tmp_path / "cluster", orchestrator_port=0)
     try:
+        states = local_cluster.status(tmp_path / "cluster")
+        assert states.pop("seaweedfs") == "running" and set(states.values()) == {"SERVING"}
+        assert sorted(states) == ["evaluator-1", "evaluator-2", "orchestrator", "profiler", "pruner", "tuner"]
         assert cli_main(["run", str(path), "--orchestrator", running.orchestrator, "--detach"]) == 0
         with make_channel(running.orchestrator) as channel:
             stub = OrchestratorStub(channel)
@@ -46,7 +49,8 @@ def test_a_study_on_the_local_cluster_survives_a_killed_evaluator_and_matches_th
             study = get()
             report = stub.GetReport(orchestrator_pb2.GetReportRequest(study_id=study_id))
     finally:
-        local_cluster.down(tmp_path / "cluster")
+        stopped = local_cluster.down(tmp_path / "cluster")
+    assert len(stopped) == len(running.processes) and not any(process.handle() for process in running.processes)
     capsys.readouterr()
     assert study.state == "done" and study.counts.done == study.counts.total == 14
     assert any(job.attempts > 1 for job in study.jobs if job.kind == "evaluate"), "no job was cut off by the kill"

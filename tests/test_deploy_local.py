@@ -1,8 +1,8 @@
 """deploy/local/cluster.py: the service topology as local processes (`make up-local`).
 
 Fast tests here: the one-target-for-all-replicas address the orchestrator gets, and
-how `down` stops processes. The whole cluster going up and down is marked `cluster`
-(processes importing torch; `pytest -m cluster`).
+how `down` stops processes. The whole cluster going up, serving a study and going
+down is tests/test_cluster_e2e.py (marked `cluster`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prunelab.errors import FailedPrecondition
-from prunelab.rpc import check_health, make_channel, serve
-from prunelab.store import open_store
+from prunelab.rpc import make_channel, serve
 
 CLUSTER_PY = Path(__file__).resolve().parent.parent / "deploy" / "local" / "cluster.py"
 
@@ -112,27 +111,3 @@ def test_up_refuses_while_a_cluster_is_running(tmp_path):
         if running.poll() is None:
             running.kill()
             running.wait()
-
-
-@pytest.mark.cluster
-def test_up_status_down(tmp_path, monkeypatch):
-    started = cluster.up(tmp_path, orchestrator_port=0)
-    try:
-        states = cluster.status(tmp_path)
-        assert states.pop("seaweedfs") == "running"
-        assert set(states.values()) == {"SERVING"}
-        assert len([name for name in states if name.startswith("evaluator")]) == 2
-        for name in [*cluster.WORKERS, cluster.ORCHESTRATOR]:
-            assert check_health(started.targets[name], cluster.health_name(name)) == "SERVING"
-        assert started.orchestrator == started.targets[cluster.ORCHESTRATOR]
-        # the services' store is reachable with the settings the cluster reports
-        for key, value in started.store_env.items():
-            monkeypatch.setenv(key, value)
-        from prunelab.config import settings
-
-        settings.cache_clear()
-        open_store()
-    finally:
-        stopped = cluster.down(tmp_path)
-    assert "seaweedfs" in stopped and len(stopped) == len(started.processes)
-    assert not any(process.handle() for process in started.processes)

@@ -45,6 +45,7 @@ ORCHESTRATOR = "orchestrator"
 READY_TIMEOUT_S = 180.0  # importing torch on a loaded 2-core machine is slow
 STOP_TIMEOUT_S = 30.0  # the servers drain for up to 25 s (prunelab.rpc.server)
 POLL_S = 0.5
+CORES = os.cpu_count() or 1
 
 
 @dataclass
@@ -147,7 +148,10 @@ def up(
     )
     cluster.save()  # from here on, `down` can clean up whatever happens
     try:
-        base_env = {**os.environ, **cluster.store_env, "PRUNELAB_GRPC_HOST": HOST}
+        # Every process shares this machine's cores: as many jobs at once as cores, one
+        # torch thread each, so concurrent jobs do not oversubscribe the CPU.
+        base_env = {**os.environ, **cluster.store_env, "PRUNELAB_GRPC_HOST": HOST,
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         for name in WORKERS:
             replica_ports = [next(ports) for _ in range(WORKERS[name])]
             for index, port in enumerate(replica_ports, start=1):
@@ -156,6 +160,7 @@ def up(
             cluster.targets[name] = ipv4_target(replica_ports)
         orchestrator_env = {
             **base_env,
+            "PRUNELAB_ORCHESTRATOR_MAX_PARALLEL": os.environ.get("PRUNELAB_ORCHESTRATOR_MAX_PARALLEL", str(CORES)),
             "PRUNELAB_ORCHESTRATOR_DB": str(state_dir / "orchestrator.db"),
             **{f"PRUNELAB_{name.upper()}_ADDR": target for name, target in cluster.targets.items()},
         }

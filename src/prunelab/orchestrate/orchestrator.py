@@ -54,11 +54,15 @@ class RetryPolicy:
     initial_s: float = 1.0
     multiplier: float = 2.0
     max_s: float = 30.0
+    # A busy replica frees up when its job ends, and asking again is one cheap call:
+    # waiting up to max_s there left workers idle for half a minute between jobs.
+    busy_max_s: float = 2.0
     max_failures: int = 8  # unreachable or dead workers before the job fails; busy replicas do not count
 
-    def delay(self, retry: int) -> float:
+    def delay(self, retry: int, busy: bool = False) -> float:
         """Exponential backoff with jitter, so retries from many jobs spread out."""
-        return min(self.max_s, self.initial_s * self.multiplier**retry) * random.uniform(0.5, 1.0)
+        ceiling = self.busy_max_s if busy else self.max_s
+        return min(ceiling, self.initial_s * self.multiplier**retry) * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -247,7 +251,7 @@ class Orchestrator:
                     gave_up = f"gave up after {attempt} attempts: " if code in BROKEN_CODES else ""
                     self.db.end(job.id, FAILED, gave_up + _describe(error))
                     return
-                if not self._wait_to_retry(running, attempt, _describe(error), self.retry.delay(retries)):
+                if not self._wait_to_retry(running, attempt, _describe(error), self.retry.delay(retries, code in BUSY_CODES)):
                     return
                 retries += 1
                 continue
