@@ -40,12 +40,12 @@ sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(
 
 import torch  # noqa: E402
 
+from prunelab.cli import profile as profile_cli  # noqa: E402
 from prunelab.config import settings  # noqa: E402
 from prunelab.logs import setup_logging  # noqa: E402
 from prunelab.models import LlamaFamilyAdapter, load_model, save_checkpoint  # noqa: E402
 from prunelab.profile import (  # noqa: E402
     ModelProfile,
-    ProfileOptions,
     ProfileReport,
     profile_models,
     render_markdown,
@@ -75,15 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     cuts = [_cut(base.model, ratio, layout) for ratio in args.ratios for layout in ("uniform", "per-layer")]
     cuts.append(_floor(base.model))
     specs = [str(_checkpoint(base, cut, out)) for cut in cuts]
-    options = ProfileOptions(
-        seq_len=args.seq_len,
-        batch_sizes=args.batch_sizes,
-        gen_tokens=args.gen_tokens,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        threads=args.threads,
-        measure_memory=not args.skip_memory,
-    )
+    options = profile_cli.options_from(args)
     load_before = os.getloadavg()[0]
     report = profile_models(specs, baseline=BASE, options=options)
     print(f"\nload average (1 min) {load_before:.1f} before the profile, {os.getloadavg()[0]:.1f} after")
@@ -94,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=_floats, default=(0.2, 0.5), help="fractions of parameters to remove (default 0.2,0.5)")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-sizes", type=_ints, default=(1, 8))
-    parser.add_argument("--gen-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads while timing (default: torch's)")
-    parser.add_argument("--skip-memory", action="store_true")
+    profile_cli.add_options(parser)
     parser.add_argument("--out", type=Path, help="where the pruned checkpoints go (default: <cache>/bench-profile)")
     return parser
 
@@ -261,10 +247,6 @@ def _print_goal(report: ProfileReport) -> None:
 
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.split(","))
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
 
 
 if __name__ == "__main__":

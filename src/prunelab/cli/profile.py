@@ -18,6 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("profile", help="measure a model's size, cost and speed", description=__doc__)
     parser.add_argument("--model", required=True, help="registered name, artifact:// URI, checkpoint directory or hub id")
     parser.add_argument("--baseline", help="a model to compare against, timed alternately with --model")
+    add_options(parser)
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
+    parser.set_defaults(handler=_profile)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The ProfileOptions flags, shared with bench/profile.py."""
     parser.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="prompt length, also for MACs and memory (default %(default)s)")
     parser.add_argument(
         "--batch-sizes", type=_int_list, default=DEFAULTS.batch_sizes, help="comma-separated (default 1,8)"
@@ -29,12 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, bfloat16 or float16 (default %(default)s)")
     parser.add_argument("--threads", type=int, default=DEFAULTS.threads, help="torch threads while timing (default: torch's)")
     parser.add_argument("--skip-memory", action="store_true", help="skip peak memory (a child process per model)")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
-    parser.set_defaults(handler=_profile)
 
 
-def _profile(args: argparse.Namespace) -> int:
-    options = ProfileOptions(
+def options_from(args: argparse.Namespace) -> ProfileOptions:
+    return ProfileOptions(
         seq_len=args.seq_len,
         batch_sizes=args.batch_sizes,
         gen_tokens=args.gen_tokens,
@@ -45,6 +50,10 @@ def _profile(args: argparse.Namespace) -> int:
         threads=args.threads,
         measure_memory=not args.skip_memory,
     )
+
+
+def _profile(args: argparse.Namespace) -> int:
+    options = options_from(args)
     report = profile_models([args.model], baseline=args.baseline, options=options)
     if args.json:
         print(json.dumps(summary(report), indent=2))
