@@ -2,10 +2,10 @@
 
     python -P bench/cluster.py [--methods l2,taylor] [--windows 40]
 
-A small SmolLM2-135M study (the methods given at 20 % of the whole model, WikiText-2
-perplexity at seq_len 128 when ../shared/data is present, else the embedded
-fallback text; profiling of each pruned model against the base) runs twice from an
-empty PRUNELAB_HOME:
+The default study (examples/smollm2.yaml) cut down to the methods given at 20 % of
+the whole model, WikiText-2 perplexity on --windows windows and profiling, without
+tuning or tasks (its text is ../shared/data when present, else the embedded
+fallback), runs twice from an empty PRUNELAB_HOME:
 
 - embedded: `prunelab run STUDY` in one process with the local store;
 - cluster: `make up-local`'s topology (deploy/local/cluster.py: SeaweedFS as S3,
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import os
 import subprocess
@@ -38,23 +37,14 @@ SHARED = REPO.parent / "shared" / "data"
 
 
 def study(methods: list[str], windows: int) -> dict:
-    return {
-        "name": "cluster-bench",
-        "model": "smollm2-135m",
-        "calibration": {"dataset": "wikitext2", "split": "train", "samples": 10, "seq_len": 64},
-        "pruning": {"methods": methods, "ratios": [0.2], "layers": ["4:-2"]},
-        "evaluation": {"perplexity": {"corpora": ["wikitext2"], "split": "validation", "seq_lens": [128],
-                                      "max_windows": windows}},
-        "profiling": {"seq_len": 64, "batch_sizes": [1], "gen_tokens": 8, "repeats": 2, "warmup": 1, "device": "cpu"},
-    }
-
-
-def load_cluster_module():
-    spec = importlib.util.spec_from_file_location("prunelab_local_cluster", REPO / "deploy" / "local" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """examples/smollm2.yaml cut down: its model, calibration and profiling, `methods` at
+    20 %, perplexity on `windows` windows, no tuning and no tasks."""
+    document = yaml.safe_load((REPO / "examples" / "smollm2.yaml").read_text())
+    document |= {"name": "cluster-bench", "description": "bench/cluster.py: the default study, cut down"}
+    document["pruning"] |= {"methods": methods, "ratios": [0.2]}
+    document["evaluation"] = {"perplexity": document["evaluation"]["perplexity"] | {"max_windows": windows}}
+    del document["tuning"]
+    return document
 
 
 def timed_run(args: list[str], env: dict[str, str]) -> float:
@@ -89,7 +79,8 @@ def main() -> int:
     embedded_s = timed_run([str(study_file), "--out", str(root / "embedded-report")], embedded_env)
     print(f"embedded: {embedded_s:.1f} s", flush=True)
 
-    cluster = load_cluster_module()
+    sys.path.insert(0, str(REPO / "deploy" / "local"))  # deploy/ is not a package
+    import cluster
     cluster_env = {**base_env, "PRUNELAB_HOME": str(root / "cluster")}
     os.environ.update(cluster_env)  # the services inherit it
     running = cluster.up(root / "cluster-state", orchestrator_port=0)

@@ -212,7 +212,7 @@ class BlockPruner(_Pruner):
             scores[(i, kind)] = group_scores(group, s.criterion, n, self.generator, grads, fisher)
         return scores, grams
 
-    def _calibration_pass(self, slices: dict[tuple[int, str], list[Slice]], gram_targets: list[torch.nn.Linear]):
+    def _calibration_pass(self, slices: dict[tuple[int, str], list[Slice]], gram_targets: list[torch.nn.Linear]) -> tuple[dict, dict, dict]:
         """Gradients (Taylor) and Grams (correction) from the calibration windows. The
         Grams ride along the Taylor pass when there is one: one pass over the unpruned
         model serves both, else a no-grad pass of the decoder alone collects them."""
