@@ -66,12 +66,6 @@ def test_criteria_disagree_on_what_matters(tiny_dir):
     assert kept["taylor"] != kept["random"] and kept["l2"] != kept["random"]
 
 
-def test_aggregation_first_uses_only_the_root_module(tiny_dir):
-    summed = run_prune(str(tiny_dir), tiny_settings(method="l1", correction=False)).report.kept
-    first = run_prune(str(tiny_dir), tiny_settings(method="l1", aggregation="first", correction=False)).report.kept
-    assert summed != first
-
-
 def test_refit_recovers_the_output_a_removed_channel_carried():
     """When a removed channel is a copy of a kept one, least squares moves its weight
     onto the copy and the projection's output is unchanged."""
