@@ -53,6 +53,12 @@ RUN pip install --no-cache-dir --no-deps .
 
 # ---- the image ---------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
+# tini as PID 1 (Kubernetes has no `init: true`): it forwards SIGTERM to the service,
+# so the server drains, and reaps the worker processes torch and lm-eval leave behind.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/*
 # A fixed non-root uid/gid: the Kubernetes securityContext (runAsUser, fsGroup) names it.
 RUN groupadd --gid 10001 prunelab \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/prunelab --shell /usr/sbin/nologin prunelab \
@@ -80,4 +86,6 @@ EXPOSE 50051
 # hadolint ignore=DL3025
 HEALTHCHECK --interval=15s --timeout=10s --start-period=120s --retries=3 \
     CMD python -m prunelab.rpc.healthcheck "127.0.0.1:${PRUNELAB_GRPC_PORT}"
+# -s: still the reaper when compose's `init: true` puts docker-init in front as PID 1.
+ENTRYPOINT ["tini", "-s", "--"]
 CMD ["prunelab", "--help"]

@@ -39,6 +39,7 @@ KUBERNETES_VERSION = "1.30.0"
 WORKERS = ["pruner", "tuner", "evaluator", "profiler"]
 SERVICES = ["orchestrator", *WORKERS]
 GRPC_PORT = 50051
+METRICS_PORT = 9100  # the orchestrator's Prometheus endpoint (PRUNELAB_METRICS_PORT's default)
 IMAGE_UID = 10001  # the Dockerfile's user
 CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -54,6 +55,15 @@ def config_env_vars() -> set[str]:
     return set(re.findall(r'"(PRUNELAB_[A-Z0-9_]+)"', (REPO / "src" / "prunelab" / "config.py").read_text()))
 
 
+# Read by the Hugging Face libraries, not by config.py: gated models and datasets.
+HUB_ENV_VARS = {"HF_TOKEN"}
+
+
+def service_env_vars() -> set[str]:
+    """What a deployment may set in a prunelab container's environment."""
+    return config_env_vars() | HUB_ENV_VARS
+
+
 # ---------------------------------------------------------------- compose
 
 
@@ -67,14 +77,35 @@ def run_compose(*args: str, env_file: Path | None = REPO / ".env.example") -> su
     )
 
 
-COMPOSE_VARIANTS = {"gpu": ["-f", "compose.yaml"], "cpu": ["-f", "compose.yaml", "-f", "compose.cpu.yaml"]}
+COMPOSE_VARIANTS = {
+    "gpu": ["-f", "compose.yaml"],
+    "cpu": ["-f", "compose.yaml", "-f", "compose.cpu.yaml"],
+    "single-gpu": ["-f", "compose.yaml", "-f", "compose.single-gpu.yaml"],
+    "gpu-per-evaluator": ["-f", "compose.yaml", "-f", "compose.gpu-per-evaluator.yaml"],
+}
+
+
+def render_compose(files: list[str], env_file: Path = REPO / ".env.example") -> dict:
+    rendered = run_compose(*files, "config", "--format", "json", env_file=env_file)
+    assert rendered.returncode == 0, rendered.stderr
+    return json.loads(rendered.stdout)
 
 
 @cache
 def compose_config(variant: str) -> dict:
-    rendered = run_compose(*COMPOSE_VARIANTS[variant], "config", "--format", "json")
-    assert rendered.returncode == 0, rendered.stderr
-    return json.loads(rendered.stdout)
+    return render_compose(COMPOSE_VARIANTS[variant])
+
+
+def env_file_with(tmp_path: Path, **values: str) -> Path:
+    """.env.example with some values changed, as a user's .env."""
+    lines = [
+        f"{key}={values.pop(key)}" if (key := line.split("=", 1)[0]) in values else line
+        for line in (REPO / ".env.example").read_text().splitlines()
+    ]
+    assert not values, f"not in .env.example: {values}"
+    path = tmp_path / ".env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
@@ -136,17 +167,79 @@ def gpu_devices(service: dict) -> list:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
 
-def test_compose_reserves_a_gpu_for_each_worker_only():
+def reserved_gpus(service: dict) -> list[str]:
+    """The host GPUs a service reserves, by index; [] for none."""
+    devices = gpu_devices(service)
+    for device in devices:
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], device
+        assert "count" not in device, "count: 1 puts every service on the same GPU"
+    return [gpu for device in devices for gpu in device["device_ids"]]
+
+
+def test_compose_gives_each_worker_a_gpu_of_its_own():
     services = compose_config("gpu")["services"]
     for name, service in services.items():
-        devices = gpu_devices(service)
         if name in WORKERS:
-            assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
             assert service["environment"]["PRUNELAB_DEVICE"] == "cuda"
         else:
-            assert devices == [], f"{name} reserves a GPU"
+            assert reserved_gpus(service) == [], f"{name} reserves a GPU"
         if "build" in service:
             assert service["build"]["args"]["TORCH_INDEX_URL"] == CUDA_INDEX
+    gpus = {name: reserved_gpus(services[name]) for name in WORKERS}
+    assert all(len(ids) == 1 for ids in gpus.values()), gpus
+    assert len({ids[0] for ids in gpus.values()}) == len(WORKERS), f"two workers share a GPU: {gpus}"
+
+
+def test_compose_gpus_come_from_the_env_file(tmp_path):
+    chosen = {"pruner": "7", "tuner": "5", "evaluator": "6", "profiler": "4"}
+    env_file = env_file_with(tmp_path, **{f"{name.upper()}_GPU": gpu for name, gpu in chosen.items()})
+    services = render_compose(COMPOSE_VARIANTS["gpu"], env_file)["services"]
+    assert {name: reserved_gpus(services[name]) for name in WORKERS} == {name: [gpu] for name, gpu in chosen.items()}
+
+
+def test_compose_single_gpu_variant_serialises_jobs_on_gpu_0():
+    services = compose_config("single-gpu")["services"]
+    assert {name: reserved_gpus(services[name]) for name in WORKERS} == {name: ["0"] for name in WORKERS}
+    assert services["orchestrator"]["environment"]["PRUNELAB_ORCHESTRATOR_MAX_PARALLEL"] == "1"
+    for name in WORKERS:
+        assert services[name]["environment"]["PRUNELAB_MAX_CONCURRENT_JOBS"] == "1"
+
+
+def test_compose_extra_evaluators_get_their_own_gpus_and_the_evaluator_name():
+    services = compose_config("gpu-per-evaluator")["services"]
+    extra = sorted(name for name in services if name.startswith("evaluator-"))
+    assert len(extra) >= 2
+    evaluator = services["evaluator"]
+    gpus = [gpu for name in [*WORKERS, *extra] for gpu in reserved_gpus(services[name])]
+    assert len(gpus) == len(set(gpus)) == len(WORKERS) + len(extra), f"a GPU is reserved twice: {gpus}"
+    for name in extra:
+        service = services[name]
+        # a copy of the evaluator, found by the orchestrator under the evaluator's DNS name
+        assert service["networks"]["default"]["aliases"] == ["evaluator"]
+        same = ("image", "command", "environment", "healthcheck", "volumes", "init", "depends_on")
+        assert {key: service.get(key) for key in same} == {key: evaluator.get(key) for key in same}, name
+        assert "container_name" not in service and not service.get("ports")
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_passes_hf_token_to_every_prunelab_service(variant, tmp_path):
+    services = render_compose(COMPOSE_VARIANTS[variant], env_file_with(tmp_path, HF_TOKEN="hf_from_dotenv"))["services"]
+    for name, service in services.items():
+        if name in SERVICES or name.startswith("evaluator-"):
+            assert service["environment"]["HF_TOKEN"] == "hf_from_dotenv", name
+        else:
+            assert "HF_TOKEN" not in service.get("environment", {}), f"{name} has no use for the token"
+    # without one, the variable is empty, which the hub client treats as no token
+    assert compose_config(variant)["services"]["pruner"]["environment"]["HF_TOKEN"] == ""
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_runs_tini_for_every_prunelab_service(variant):
+    """init: true (Docker's tini) where compose runs them; the image's own tini elsewhere."""
+    for name, service in compose_config(variant)["services"].items():
+        if "build" in service:
+            assert service["init"] is True, name
+            assert service.get("entrypoint") is None, f"{name} would bypass the image's tini"
 
 
 def test_compose_cpu_variant_has_no_gpu():
@@ -166,7 +259,7 @@ def test_compose_shares_one_configuration(variant):
     for name in SERVICES:
         env = services[name]["environment"]
         assert {key: env[key] for key in shared} == shared, f"{name} differs from the shared block"
-        assert set(env) <= config_env_vars(), f"{name} sets variables config.py never reads: {set(env) - config_env_vars()}"
+        assert set(env) <= service_env_vars(), f"{name} sets variables nothing reads: {set(env) - service_env_vars()}"
     assert shared["PRUNELAB_STORE"] == "s3://prunelab"
     assert shared["PRUNELAB_S3_ENDPOINT"] == "minio:9000"
 
@@ -174,8 +267,9 @@ def test_compose_shares_one_configuration(variant):
 def test_compose_orchestrator_wiring():
     services = compose_config("gpu")["services"]
     orchestrator = services["orchestrator"]
-    # the CLI's way in, on the host's loopback by default
-    assert [(p["target"], p["published"], p["host_ip"]) for p in orchestrator["ports"]] == [(GRPC_PORT, str(GRPC_PORT), "127.0.0.1")]
+    # the CLI's way in and the metrics, on the host's loopback by default
+    published = [(p["target"], p["published"], p["host_ip"]) for p in orchestrator["ports"]]
+    assert published == [(GRPC_PORT, str(GRPC_PORT), "127.0.0.1"), (METRICS_PORT, str(METRICS_PORT), "127.0.0.1")]
     for name in WORKERS:
         assert orchestrator["environment"][f"PRUNELAB_{name.upper()}_ADDR"] == f"dns:///{name}:{GRPC_PORT}"
     # its SQLite database is on a named volume
@@ -497,6 +591,20 @@ def test_dockerfile_runtime_stage():
     assert f"PRUNELAB_GRPC_PORT={GRPC_PORT}" in dict(runtime)["ENV"]
     copied = [shlex.split(arguments) for keyword, arguments in runtime if keyword == "COPY"]
     assert ["services", "services"] in copied, "the services' entry points are in the image"
+
+
+def test_dockerfile_runs_everything_under_tini():
+    """tini is PID 1 wherever nothing else is (Kubernetes): it forwards SIGTERM and
+    reaps orphans. Compose and the Deployments set only the command, never the entry point."""
+    instructions = dockerfile_instructions()
+    runtime = instructions[max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"):]
+    entrypoint = json.loads(dict(runtime)["ENTRYPOINT"])
+    assert entrypoint[0] == "tini" and entrypoint[-1] == "--", entrypoint
+    installs = [arguments for keyword, arguments in runtime if keyword == "RUN" and "apt-get install" in arguments]
+    assert any(re.search(r"apt-get install .*\btini\b", run) for run in installs), "tini is not installed in the runtime stage"
+    run_as_user = [i for i, (keyword, _) in enumerate(runtime) if keyword == "USER"]
+    apt = [i for i, (keyword, arguments) in enumerate(runtime) if "apt-get install" in arguments]
+    assert max(apt) < min(run_as_user), "apt-get needs root: install before USER"
 
 
 # ---------------------------------------------------------------- documentation
