@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from prunelab.tune import TuneUpdate
 
 # Options left unset take TuneSettings' defaults (not repeated here, so `prunelab
 # --help` starts without importing torch). dest -> (type, help).
@@ -21,6 +16,7 @@ _SETTINGS_OPTIONS: dict[str, tuple[type, str]] = {
     "val_data": (str, "dataset to validate on (default: hold out the last --val-fraction of --data)"),
     "val_split": (str, "split of --val-data (default validation)"),
     "val_fraction": (float, "share of --data held out for validation, from its end (default 0.1)"),
+    "heldout_fraction": (float, "share of the validation examples never used to choose the step (default 0.5)"),
     "max_val_examples": (int, "validation examples scored per evaluation (default 64)"),
     "steps": (int, "optimizer steps (default: --epochs passes over the data)"),
     "epochs": (float, "passes over the training examples when --steps is not given (default 1)"),
@@ -58,30 +54,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from prunelab.cli.progress import job_progress
     from prunelab.config import settings
     from prunelab.tune import TuneSettings, run_tune
 
     given = {dest: getattr(args, dest) for dest in _SETTINGS_OPTIONS if getattr(args, dest) is not None}
     if args.target_modules is not None:
         given["target_modules"] = tuple(name.strip() for name in args.target_modules.split(",") if name.strip())
-    outcome = run_tune(
-        args.model, TuneSettings(data=args.data, **given), device=args.device or settings().torch_device(),
-        out_dir=args.out, progress=_quiet if args.json else _print_progress,
-    )
+    with job_progress("tune", silent=args.json) as show:
+        outcome = run_tune(
+            args.model, TuneSettings(data=args.data, **given), device=args.device or settings().torch_device(),
+            out_dir=args.out, progress=lambda update: show(update.fraction, f"{update.phase}: {update.message}"),
+        )
     if args.json:
         print(json.dumps(outcome.as_dict()))
     else:
-        print(f"validation perplexity {outcome.val_ppl_before:.3f} -> {outcome.val_ppl_after:.3f}")
+        print(f"held-out perplexity {outcome.heldout_ppl_before:.3f} -> {outcome.heldout_ppl_after:.3f} "
+              f"(selection split, which chose the step: {outcome.val_ppl_before:.3f} -> {outcome.val_ppl_after:.3f})")
         print(f"result: {outcome.reason}")
         print(f"peak memory {outcome.peak_memory_bytes / 2**30:.2f} GiB ({outcome.memory_kind}), {outcome.wall_seconds:.1f} s")
         print(f"artifact {outcome.artifact.uri}\nadapter {outcome.adapter.uri}"
               + (f"\ncheckpoint {outcome.checkpoint_dir}" if outcome.checkpoint_dir else ""))
     return 0
-
-
-def _quiet(_update: TuneUpdate) -> None:
-    pass
-
-
-def _print_progress(update: TuneUpdate) -> None:
-    print(f"[{update.fraction:4.0%}] {update.phase}: {update.message}", file=sys.stderr)

@@ -13,8 +13,11 @@ Two kinds of data:
 
 Validation is either a separate dataset (`val_data`) or held out from `data`: its
 last `val_fraction` of examples (windows or records) in file order, so it never
-overlaps the training examples and is the same on every run. At most
-`max_val_examples` of them are scored (the first ones of the held-out part).
+overlaps the training examples and is the same on every run. It is then cut in two:
+the *selection* part (scored at every evaluation; it chooses the step returned) and
+the *held-out* part, its last `heldout_fraction`, scored only on the input and the
+returned model, so its "after" carries no selection bias. At most
+`max_val_examples` of each are scored (the first ones of each part).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class Example:
 class TuneData:
     format: str  # of the training data: alpaca | text
     train: list[Example]
-    validation: list[Example]
+    validation: list[Example]  # the selection split: chooses the step
+    heldout: list[Example]  # never seen by training or step selection
     identity: dict[str, Any]  # names, splits, sha256 of what was read, how validation was chosen
 
 
@@ -106,15 +110,27 @@ def build_tune_data(tokenizer: PreTrainedTokenizerBase, settings: TuneSettings) 
         held_out = max(1, round(len(examples) * settings.val_fraction))
         train, validation = examples[:-held_out], examples[-held_out:]
         identity["validation"] = f"last {held_out} of {len(examples)} {_unit(fmt)} of {settings.data}"
-    validation = validation[: settings.max_val_examples]
+    validation, heldout = _selection_and_heldout(validation, settings)
     if not train:
         raise InvalidArgument(
             f"{settings.data} gives {len(examples)} {_unit(fmt)} of at most {settings.max_length} tokens: "
             "too few to train on after holding out validation",
             field="data",
         )
-    identity.update(train_examples=len(train), val_examples=len(validation))
-    return TuneData(fmt, train, validation, identity)
+    identity.update(train_examples=len(train), val_examples=len(validation), heldout_examples=len(heldout),
+                    heldout=f"last {settings.heldout_fraction:g} of the validation examples, never used to choose the step")
+    return TuneData(fmt, train, validation, heldout, identity)
+
+
+def _selection_and_heldout(validation: list[Example], settings: TuneSettings) -> tuple[list[Example], list[Example]]:
+    if len(validation) < 2:
+        raise InvalidArgument(
+            f"validation has {len(validation)} example(s); it needs at least 2, one to choose the step and one held out",
+            field="val_data" if settings.val_data else "val_fraction",
+        )
+    held_out = min(len(validation) - 1, max(1, round(len(validation) * settings.heldout_fraction)))
+    cap = settings.max_val_examples
+    return validation[:-held_out][:cap], validation[-held_out:][:cap]
 
 
 def _separate_validation(tokenizer: PreTrainedTokenizerBase, settings: TuneSettings, identity: dict[str, Any]) -> list[Example]:

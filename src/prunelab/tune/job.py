@@ -56,8 +56,10 @@ class TuneOutcome:
     artifact: ArtifactRef  # the merged model
     adapter: ArtifactRef  # peft's adapter directory of the best step
     checkpoint_dir: Path | None  # the plain directory written when out_dir was given
-    val_ppl_before: float
-    val_ppl_after: float  # measured on the returned model
+    val_ppl_before: float  # selection split: the split that chose best_step
+    val_ppl_after: float  # selection split, measured on the returned model (never above before: it chose the step)
+    heldout_ppl_before: float  # held-out split, never seen by training or selection: the input's
+    heldout_ppl_after: float  # held-out split: the returned model's, the unbiased recovery figure
     best_step: int
     reason: str
     stop: str  # completed | early_stop | non_finite
@@ -115,10 +117,11 @@ def run_tune(
         progress(TuneUpdate("load", 0.0, f"loading {model}"))
         loaded = load_model(model, dtype=dtype, device=device)
         data = build_tune_data(loaded.tokenizer, settings)
+        heldout_before = _heldout_loss(loaded.model, data, settings, loaded.tokenizer)  # before LoRA wraps the model
         with job_directory(job_key(loaded, data, settings, dtype, device)).locked() as snapshots:
             peft_model, training = _train(loaded, data, settings, snapshots, progress, before_step)
             progress(TuneUpdate("save", TRAIN_END, f"{training.reason}; writing the model and the adapter"))
-            published = _publish(loaded, peft_model, data, settings, training, dtype, out_dir)
+            published = _publish(loaded, peft_model, data, settings, training, dtype, out_dir, heldout_before)
             snapshots.remove()  # the artifacts are stored; a rerun starts afresh
     outcome = TuneOutcome(
         **published,
@@ -187,9 +190,13 @@ def _train(
     return peft_model, trainer.run()
 
 
+def _heldout_loss(model: PreTrainedModel, data: TuneData, settings: TuneSettings, tokenizer) -> float:
+    return validation_loss(model, data.heldout, settings.batch_size, pad_token_id(tokenizer))
+
+
 def _publish(
     loaded: LoadedModel, peft_model: PeftModel, data: TuneData, settings: TuneSettings,
-    training: TrainingResult, dtype: torch.dtype, out_dir: Path | None,
+    training: TrainingResult, dtype: torch.dtype, out_dir: Path | None, heldout_before: float,
 ) -> dict[str, Any]:
     """Save the adapter, fold it in, check the folded model, store both."""
     state = training.state
@@ -204,6 +211,8 @@ def _publish(
         summary = {
             "best_step": best_step, "reason": reason,
             "val_ppl_before": perplexity_of(before), "val_ppl_after": perplexity_of(after),
+            "heldout_ppl_before": perplexity_of(heldout_before),
+            "heldout_ppl_after": perplexity_of(_heldout_loss(merged, data, settings, loaded.tokenizer)),
         }
         record = _provenance(loaded, data, settings, training, dtype, summary)
         (adapter_dir / "prunelab.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -97,6 +97,8 @@ def result_message(outcome: TuneOutcome, job_id: str) -> tuner_pb2.TuneResult:
         adapter=_artifact(outcome.adapter),
         val_ppl_before=outcome.val_ppl_before,
         val_ppl_after=outcome.val_ppl_after,
+        heldout_ppl_before=outcome.heldout_ppl_before,
+        heldout_ppl_after=outcome.heldout_ppl_after,
         best_step=outcome.best_step,
         reason=outcome.reason,
         stop=outcome.stop,

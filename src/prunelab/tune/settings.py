@@ -30,7 +30,10 @@ class TuneSettings:
     val_data: str = ""  # "" = hold out the last `val_fraction` of `data`
     val_split: str = "validation"  # of val_data
     val_fraction: float = 0.1
-    max_val_examples: int = 64  # validation cost per evaluation is bounded by this
+    # The last `heldout_fraction` of the validation examples never choose the step:
+    # scored on the input and on the returned model only, an unbiased "after".
+    heldout_fraction: float = 0.5
+    max_val_examples: int = 64  # validation cost per evaluation is bounded by this (and so is the held-out part)
     rank: int = 8
     alpha: float | None = None  # None = 2 x rank
     dropout: float = 0.05
@@ -75,8 +78,9 @@ class TuneSettings:
             raise InvalidArgument(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
         if self.val_data == self.data and canonical_split(self.val_split) == canonical_split(self.data_split):
             raise InvalidArgument("val_data names the training split itself; validate on another split or dataset", field="val_data")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise InvalidArgument(f"val_fraction must be in (0, 1), got {self.val_fraction}", field="val_fraction")
+        for name in ("val_fraction", "heldout_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise InvalidArgument(f"{name} must be in (0, 1), got {getattr(self, name)}", field=name)
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise InvalidArgument(f"weight_decay must be >= 0, got {self.weight_decay}", field="weight_decay")
         self._check_choices()
