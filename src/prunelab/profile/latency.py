@@ -1,9 +1,11 @@
 """Wall-clock timing of greedy generation with the KV cache: the prompt's prefill,
 timed on its own, then a fixed number of one-token decode steps, timed together.
 
-Models to compare are timed in rounds, one generation each, in the same order every
-round (A B A B ...): slow phases of a shared machine then hit all of them alike, and
-the ratio within a round cancels most of the drift.
+Models to compare are timed in rounds, one generation each: slow phases of a shared
+machine then hit all of them alike, and the ratio within a round cancels most of the
+drift. The model that goes first turns with every round (A B, B A, A B, ...), so
+whatever favours a position (caches warmed by the previous run, a frequency ramp)
+favours every model equally often instead of always the baseline.
 """
 
 from __future__ import annotations
@@ -61,9 +63,14 @@ def prompt_ids(batch_size: int, seq_len: int, vocab_size: int, device: torch.dev
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
 
 
-def timed_round(models: Sequence[PreTrainedModel], input_ids: torch.Tensor, decode_steps: int) -> list[GenerationTiming]:
-    """One timed generation per model, in order."""
-    return [time_generation(model, input_ids, decode_steps) for model in models]
+def timed_round(models: Sequence[PreTrainedModel], input_ids: torch.Tensor, decode_steps: int,
+                round_index: int = 0) -> list[GenerationTiming]:
+    """One timed generation per model, model `round_index % len(models)` first and the
+    rest after it in turn; the timings are returned in the models' order."""
+    first = round_index % len(models)
+    order = [(first + offset) % len(models) for offset in range(len(models))]
+    timings = {index: time_generation(models[index], input_ids, decode_steps) for index in order}
+    return [timings[index] for index in range(len(models))]
 
 
 @torch.inference_mode()

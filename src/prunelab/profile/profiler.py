@@ -110,7 +110,7 @@ def run_profile(
 ) -> Iterator[ProgressUpdate | ProfileReport]:
     """Profile `models` (specs as `load_model` takes them), each against `baseline` if given."""
     options.validate()
-    specs = _specs_in_timing_order(models, baseline)
+    specs = _specs_baseline_first(models, baseline)
     distinct = list(dict.fromkeys(specs))  # a model profiled against itself is loaded once, timed twice per round
     memory_end = _MEMORY_SHARE if options.measure_memory else 0.0
     loaded_end = memory_end + _LOAD_SHARE
@@ -148,7 +148,7 @@ class _StaticFigures:
     checkpoint_bytes: int
 
 
-def _specs_in_timing_order(models: Sequence[str], baseline: str | None) -> list[str]:
+def _specs_baseline_first(models: Sequence[str], baseline: str | None) -> list[str]:
     """The baseline first (when given), then the models."""
     if isinstance(models, str) or not models:
         raise InvalidArgument("name at least one model to profile", field="model")
@@ -197,7 +197,8 @@ def _time_rounds(
         input_ids = prompt_ids(batch_size, options.seq_len, vocab_size, device)
         rounds[batch_size] = []
         for round_index in range(options.warmup + options.repeats):
-            timings = timed_round(models, input_ids, options.gen_tokens)
+            # counted from the first timed round, so timed rounds start with the baseline and alternate
+            timings = timed_round(models, input_ids, options.gen_tokens, round_index - options.warmup)
             if round_index >= options.warmup:
                 rounds[batch_size].append(timings)
             done += 1
@@ -213,7 +214,7 @@ def _between(start: float, end: float, fraction: float) -> float:
 
 
 def _runs_of(rounds: dict[int, list[list[GenerationTiming]]], index: int) -> dict[int, list[GenerationTiming]]:
-    """The timings of the `index`-th model in timing order, per batch size."""
+    """The timings of the `index`-th model (baseline first), per batch size."""
     return {size: [timings[index] for timings in by_round] for size, by_round in rounds.items()}
 
 
