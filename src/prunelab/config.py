@@ -68,6 +68,11 @@ class Settings:
     profiler_addr: str | None
     orchestrator_db: Path  # SQLite file holding studies and jobs
     orchestrator_max_parallel: int  # jobs the orchestrator runs at once, all studies together
+    # How long a job waits for its worker to accept connections (a worker still pulling
+    # its image or loading torch is late, not failed) before the job fails.
+    worker_ready_timeout_s: int
+    metrics_port: int  # the orchestrator's Prometheus /metrics; 0 turns it off
+    max_upload_bytes: int  # largest dataset the orchestrator accepts over gRPC
 
     def torch_device(self) -> str:
         """The device jobs run on; "auto" picks CUDA when this host has it."""
@@ -109,6 +114,9 @@ class Settings:
             profiler_addr=os.environ.get("PRUNELAB_PROFILER_ADDR") or None,
             orchestrator_db=Path(os.environ.get("PRUNELAB_ORCHESTRATOR_DB", str(home / "orchestrator.db"))).expanduser().resolve(),
             orchestrator_max_parallel=_int("PRUNELAB_ORCHESTRATOR_MAX_PARALLEL", 8),
+            worker_ready_timeout_s=_int("PRUNELAB_WORKER_READY_TIMEOUT_S", 900),
+            metrics_port=_int("PRUNELAB_METRICS_PORT", 9100),
+            max_upload_bytes=_int("PRUNELAB_MAX_UPLOAD_BYTES", 4 * 2**30),
         )
 
 

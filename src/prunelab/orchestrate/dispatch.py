@@ -7,8 +7,10 @@ tell them apart.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ BINDINGS = {
 }
 # Parts of results too bulky for a database row; the stored artifacts keep them.
 _BULKY = {PRUNE: [("report", "kept")], EVALUATE: [("report", "data", "lm_eval")]}
+READY_POLL_S = 0.5  # how often a wait for a worker checks whether its job was cancelled
 
 
 class JobCall(Protocol):
@@ -73,9 +76,20 @@ def request_message(kind: str, fields: dict[str, Any], job_id: str) -> Message:
     return json_format.ParseDict({**fields, "job_id": job_id}, request_class())
 
 
-def run_call(call: JobCall, on_progress: Callable[[common_pb2.Progress], None]) -> Message:
-    """Follow a call to its result, reporting each Progress event."""
+def run_call(
+    call: JobCall, on_progress: Callable[[common_pb2.Progress], None], on_admitted: Callable[[], None] = lambda: None
+) -> Message:
+    """Follow a call to its result, reporting each Progress event (and each bare
+    Progress the dispatcher adds while it waits for the worker); `on_admitted` runs
+    at the worker's first event, when the job has left the queue."""
+    admitted = False
     for event in call:
+        if isinstance(event, common_pb2.Progress):
+            on_progress(event)
+            continue
+        if not admitted:
+            admitted = True
+            on_admitted()
         which = event.WhichOneof("event")
         if which == "progress":
             on_progress(event.progress)
@@ -100,19 +114,93 @@ def output_model(kind: str, result: dict[str, Any]) -> str | None:
     return result["artifact"]["uri"] if kind in (PRUNE, TUNE) else None
 
 
+class WorkerNotReady(Exception):
+    """The job's worker accepted no connection within the readiness timeout."""
+
+
+class Worker:
+    """One gRPC target, and whether it has ever accepted a connection since this
+    orchestrator started: until it has, waiting for it is "not ready yet", not a failure."""
+
+    def __init__(self, kind: str, target: str, channel: grpc.Channel):
+        self.name = f"{BINDINGS[kind].module} at {target}"
+        self.channel = channel
+        self.connected_once = False
+
+    def wait_ready(self, timeout: float, cancelled: threading.Event) -> Iterator[common_pb2.Progress]:
+        """Return once the channel is ready (a Progress line first if it is not at once);
+        WorkerNotReady after `timeout` seconds; early, quietly, once `cancelled` is set."""
+        ready = grpc.channel_ready_future(self.channel)
+        deadline = time.monotonic() + timeout
+        announced = False
+        try:
+            while True:
+                try:
+                    ready.result(timeout=READY_POLL_S)
+                    self.connected_once = True
+                    return
+                except grpc.FutureTimeoutError:
+                    pass
+                if cancelled.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    raise WorkerNotReady(self._not_ready(timeout))
+                if not announced:
+                    announced = True
+                    yield common_pb2.Progress(message=f"waiting for the {self.name} to accept connections (up to {timeout:.0f} s)")
+        finally:
+            ready.cancel()
+
+    def _not_ready(self, timeout: float) -> str:
+        history = ("it has not answered since the orchestrator started: check its address and that it runs"
+                   if not self.connected_once else "it accepted connections before and has gone away")
+        return f"the {self.name} accepted no connection within {timeout:.0f} s (PRUNELAB_WORKER_READY_TIMEOUT_S); {history}"
+
+
+class GrpcJobCall:
+    """A job's call to a worker: wait until the worker accepts connections (up to the
+    readiness timeout), then the streaming call with wait_for_ready, so a connection
+    that drops in between waits for the worker again instead of failing fast."""
+
+    def __init__(self, worker: Worker, start: Callable[[], Any], ready_timeout: float):
+        self._worker, self._start, self._ready_timeout = worker, start, ready_timeout
+        self._cancelled = threading.Event()
+        self._call: Any = None
+        self._lock = threading.Lock()
+
+    def cancel(self) -> bool:
+        with self._lock:
+            self._cancelled.set()
+            if self._call is not None:
+                self._call.cancel()
+        return True
+
+    def __iter__(self) -> Iterator[Message]:
+        yield from self._worker.wait_ready(self._ready_timeout, self._cancelled)
+        with self._lock:
+            if self._cancelled.is_set():
+                raise InProcessRpcError(RpcStatus(grpc.StatusCode.CANCELLED, "cancelled by the orchestrator"))
+            self._call = self._start()
+        yield from self._call
+
+
 class GrpcDispatcher(Dispatcher):
     """Each kind to a gRPC target ("host:port", "dns:///evaluator:50051", "ipv4:a:p1,a:p2");
-    channels round-robin over every address a target resolves to."""
+    channels round-robin over every address a target resolves to. A job waits up to
+    `ready_timeout_s` for its worker to accept connections."""
 
-    def __init__(self, targets: dict[str, str]):
+    def __init__(self, targets: dict[str, str], ready_timeout_s: float | None = None):
+        self._ready_timeout_s = settings().worker_ready_timeout_s if ready_timeout_s is None else ready_timeout_s
         self._channels = {target: make_channel(target) for target in set(targets.values())}
+        self._workers = {kind: Worker(kind, target, self._channels[target]) for kind, target in targets.items()}
         self._methods = {
             kind: getattr(getattr(_pb2_grpc(kind), f"{BINDINGS[kind].service}Stub")(self._channels[target]), BINDINGS[kind].method)
             for kind, target in targets.items()
         }
 
     def call(self, kind: str, request: Message, job_id: str) -> JobCall:
-        return self._methods[kind](request, metadata=job_metadata(job_id))
+        start = functools.partial(self._methods[kind], request, metadata=job_metadata(job_id), wait_for_ready=True)
+        return GrpcJobCall(self._workers[kind], start, self._ready_timeout_s)
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -191,8 +279,8 @@ def dispatcher_from_settings(cfg: Settings | None = None) -> Dispatcher:
     if not remote:
         return InProcessDispatcher()
     if not local:
-        return GrpcDispatcher(remote)
-    grpc_dispatcher, in_process = GrpcDispatcher(remote), InProcessDispatcher(local)
+        return GrpcDispatcher(remote, cfg.worker_ready_timeout_s)
+    grpc_dispatcher, in_process = GrpcDispatcher(remote, cfg.worker_ready_timeout_s), InProcessDispatcher(local)
     return RoutingDispatcher({kind: grpc_dispatcher if kind in remote else in_process for kind in KINDS})
 
 

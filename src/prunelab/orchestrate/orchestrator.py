@@ -4,11 +4,13 @@ One scheduler thread picks ready jobs (pending, every job they need done) in
 dispatch order, serves any whose identical twin already finished (same inputs
 hash, any study) from that result, and hands the rest to a pool of
 `max_parallel` threads, each following one job's stream through a `Dispatcher`.
-Replica busy (RESOURCE_EXHAUSTED) is retried with backoff for as long as it takes;
-a worker that cannot be reached or died mid-stream (UNAVAILABLE, CANCELLED by the
-server side, DEADLINE_EXCEEDED, ABORTED, a stream that ends without a result) is
-retried with backoff up to `RetryPolicy.max_failures` times; anything else fails
-the job and, transitively, the jobs that need it. When a study has no unfinished
+A worker that does not accept connections yet (its pod still pulling the image or
+importing torch) is waited for, up to PRUNELAB_WORKER_READY_TIMEOUT_S, before the
+job fails. Replica busy (RESOURCE_EXHAUSTED) is retried with backoff for as long as
+it takes; a worker that died mid-stream or failed the call as unavailable
+(UNAVAILABLE, CANCELLED by the server side, DEADLINE_EXCEEDED, ABORTED, a stream that
+ends without a result) is retried with backoff up to `RetryPolicy.max_failures`
+times; anything else fails the job and, transitively, the jobs that need it. When a study has no unfinished
 job left, its report is written and stored.
 
 Every state change is written to SQLite first, so an orchestrator killed at any
@@ -35,8 +37,18 @@ from google.protobuf.message import Message
 from prunelab.config import settings
 from prunelab.data import get_dataset
 from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound
-from prunelab.orchestrate.dispatch import Dispatcher, JobCall, NoResult, output_model, request_message, result_dict, run_call
+from prunelab.orchestrate.dispatch import (
+    Dispatcher,
+    JobCall,
+    NoResult,
+    WorkerNotReady,
+    output_model,
+    request_message,
+    result_dict,
+    run_call,
+)
 from prunelab.orchestrate.graph import expand, resolve
+from prunelab.orchestrate.metrics import JobMetrics
 from prunelab.orchestrate.report import write_report
 from prunelab.orchestrate.state import CANCELLED, DONE, FAILED, PENDING, JobRow, StudyDB, StudyRow
 from prunelab.orchestrate.study import Study
@@ -57,7 +69,10 @@ class RetryPolicy:
     # A busy replica frees up when its job ends, and asking again is one cheap call:
     # waiting up to max_s there left workers idle for half a minute between jobs.
     busy_max_s: float = 2.0
-    max_failures: int = 8  # unreachable or dead workers before the job fails; busy replicas do not count
+    # Broken attempts before the job fails (about 4 min of backoff, each attempt also
+    # waiting for the worker to accept connections): a rollout replaces workers
+    # mid-job and can take minutes. Busy replicas do not count.
+    max_failures: int = 12
 
     def delay(self, retry: int, busy: bool = False) -> float:
         """Exponential backoff with jitter, so retries from many jobs spread out."""
@@ -89,6 +104,7 @@ class Orchestrator:
         max_parallel: int = 1,
         retry: RetryPolicy | None = None,
         reports_dir: Path | None = None,
+        metrics: JobMetrics | None = None,
     ):
         if max_parallel < 1:
             raise InvalidArgument(f"max_parallel must be at least 1, got {max_parallel}", field="max_parallel")
@@ -97,6 +113,7 @@ class Orchestrator:
         self.max_parallel = max_parallel
         self.retry = retry or RetryPolicy()
         self.reports_dir = reports_dir or settings().home / "reports"
+        self.metrics = metrics
         self._running: dict[str, RunningJob] = {}
         self._running_lock = threading.Lock()
         self._wake = threading.Event()
@@ -226,7 +243,7 @@ class Orchestrator:
             self._attempt_until_settled(running, request)
         except Exception as error:  # noqa: BLE001 - a job must never be left running
             log.exception("%s (%s) failed in the orchestrator", job.id, job.key)
-            self.db.end(job.id, FAILED, f"orchestrator: {type(error).__name__}: {error}")
+            self._fail(job, f"orchestrator: {type(error).__name__}: {error}")
         finally:
             with self._running_lock:
                 self._running.pop(job.id, None)
@@ -238,32 +255,50 @@ class Orchestrator:
         failures = retries = 0
         while True:
             attempt = self.db.start_attempt(job.id)
-            started = time.monotonic()
             try:
-                result = self._dispatch(running, request)
-            except (grpc.RpcError, NoResult) as error:
+                result, duration_s = self._dispatch(running, request)
+            except (grpc.RpcError, NoResult, WorkerNotReady) as error:
                 if running.stop_state:
                     self.db.end(job.id, running.stop_state, running.stop_reason)
+                    return
+                if isinstance(error, WorkerNotReady):
+                    self._fail(job, str(error))
                     return
                 code = error.code() if isinstance(error, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
                 failures += code in BROKEN_CODES
                 if code not in BUSY_CODES | BROKEN_CODES or failures >= self.retry.max_failures:
                     gave_up = f"gave up after {attempt} attempts: " if code in BROKEN_CODES else ""
-                    self.db.end(job.id, FAILED, gave_up + _describe(error))
+                    self._fail(job, gave_up + _describe(error))
                     return
                 if not self._wait_to_retry(running, attempt, _describe(error), self.retry.delay(retries, code in BUSY_CODES)):
                     return
                 retries += 1
                 continue
-            self.db.finish(job.id, result_dict(job.kind, result), round(time.monotonic() - started, 3))
+            self.db.finish(job.id, result_dict(job.kind, result), duration_s)
+            if self.metrics is not None:
+                self.metrics.job_done(job.kind, duration_s)
             return
 
-    def _dispatch(self, running: RunningJob, request: Message) -> Message:
+    def _fail(self, job: JobRow, error: str) -> None:
+        self.db.end(job.id, FAILED, error)
+        if self.metrics is not None:
+            self.metrics.job_failed(job.kind)
+
+    def _dispatch(self, running: RunningJob, request: Message) -> tuple[Message, float]:
+        """The job's result, and its duration in seconds from when a worker took it."""
         job = running.job
+        started = time.monotonic()
+
+        def admitted() -> None:
+            nonlocal started
+            started = time.monotonic()
+            self.db.mark_started(job.id)
+
         running.call = self.dispatcher.call(job.kind, request, job.id)
         if running.stop_state:  # stopped between launch and call: stop() saw no call to cancel
             running.call.cancel()
-        return run_call(running.call, lambda progress: self.db.progress(job.id, progress.fraction, progress.message))
+        result = run_call(running.call, lambda progress: self.db.progress(job.id, progress.fraction, progress.message), admitted)
+        return result, round(time.monotonic() - started, 3)
 
     def _wait_to_retry(self, running: RunningJob, attempt: int, why: str, delay: float) -> bool:
         """Back off before the next attempt; False (and the job ended) if it was stopped meanwhile."""

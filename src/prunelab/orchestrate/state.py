@@ -29,6 +29,8 @@ FINAL_STATES = (DONE, FAILED, CANCELLED)
 ACTIVE_STUDY_STATES = (PENDING, RUNNING)
 BUSY_TIMEOUT_S = 30.0
 SCHEMA_VERSION = 1
+# SQL: every job that job `j` needs is done (one `?` for DONE)
+_NEEDS_DONE = "NOT EXISTS (SELECT 1 FROM json_each(j.needs) n JOIN jobs d ON d.study_id = j.study_id AND d.key = n.value WHERE d.state != ?)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -62,7 +64,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     message TEXT NOT NULL DEFAULT '',
     duration_s REAL,               -- of the attempt that succeeded
     created_at REAL NOT NULL,
-    started_at REAL,
+    started_at REAL,               -- when a worker took the current attempt; NULL while it waits for one
     finished_at REAL,
     updated_at REAL NOT NULL,
     UNIQUE (study_id, key)
@@ -224,8 +226,7 @@ class StudyDB:
         """Pending jobs of active studies whose needs are all done, in dispatch order."""
         rows = self._read(
             "SELECT j.* FROM jobs j JOIN studies s ON s.id = j.study_id "
-            "WHERE j.state = ? AND s.state IN (?, ?) AND NOT EXISTS ("
-            "  SELECT 1 FROM json_each(j.needs) n JOIN jobs d ON d.study_id = j.study_id AND d.key = n.value WHERE d.state != ?) "
+            f"WHERE j.state = ? AND s.state IN (?, ?) AND {_NEEDS_DONE} "
             "ORDER BY s.created_at, j.seq LIMIT ?",
             (PENDING, *ACTIVE_STUDY_STATES, DONE, limit),
         )
@@ -258,12 +259,31 @@ class StudyDB:
         self._update(job_id, state=RUNNING, fraction=0.0, message="queued", error="")
 
     def start_attempt(self, job_id: str) -> int:
-        """Count one dispatch; returns the attempt number."""
+        """Count one dispatch; returns the attempt number. The job waits for a worker
+        (queued) until `mark_started`."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET attempts = attempts + 1, started_at = NULL, fraction = 0, message = 'dispatched', updated_at = ? WHERE id = ?",
+                       (time.time(), job_id))
+            return db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    def mark_started(self, job_id: str) -> None:
+        """A worker has taken the job's current attempt (its first event arrived)."""
         now = time.time()
         with self._write() as db:
-            db.execute("UPDATE jobs SET attempts = attempts + 1, started_at = ?, fraction = 0, message = 'dispatched', updated_at = ? WHERE id = ?",
-                       (now, now, job_id))
-            return db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            db.execute("UPDATE jobs SET started_at = ?, updated_at = ? WHERE id = ?", (now, now, job_id))
+
+    def queue_depths(self) -> dict[str, tuple[int, int]]:
+        """(queued, running) jobs of active studies by kind. Queued: ready to run
+        (every job it needs done) but no worker has it yet, whether the orchestrator
+        has not dispatched it or it waits for a worker or a free replica."""
+        rows = self._read(
+            "SELECT j.kind, "
+            "  SUM(j.state = ? AND j.started_at IS NOT NULL), "
+            f"  SUM((j.state = ? AND j.started_at IS NULL) OR (j.state = ? AND {_NEEDS_DONE})) "
+            "FROM jobs j JOIN studies s ON s.id = j.study_id WHERE s.state IN (?, ?) GROUP BY j.kind",
+            (RUNNING, RUNNING, PENDING, DONE, *ACTIVE_STUDY_STATES),
+        )
+        return {kind: (queued, running) for kind, running, queued in rows}
 
     def progress(self, job_id: str, fraction: float, message: str) -> None:
         self._update(job_id, fraction=fraction, message=message)

@@ -39,6 +39,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # A worker that is not up yet is retried every few seconds rather than gRPC's
+    # default backoff of up to 2 minutes, so a late worker is used as soon as it serves.
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 HEALTH_CHECK_TIMEOUT_S = 5.0

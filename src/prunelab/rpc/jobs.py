@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -83,6 +84,16 @@ def stream_job(
     finally:
         stop.set()
         worker.join()
+        release_cuda_cache()
     if "error" in outcome:
         raise outcome["error"]
     yield outcome["result"]
+
+
+def release_cuda_cache() -> None:
+    """Hand the GPU memory the finished job's tensors held back to the driver, so the
+    next job (or another process on the same GPU) can use it; PyTorch's caching
+    allocator keeps it otherwise. A no-op where torch is not loaded or has no CUDA."""
+    torch = sys.modules.get("torch")  # loaded by the job if it used torch; never imported here
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
