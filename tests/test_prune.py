@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import grpc
 import pytest
@@ -113,12 +115,43 @@ def test_pruned_checkpoint_loads_in_plain_transformers_and_generates(tiny_dir, t
     assert params == outcome.report.params_after
 
 
-def test_a_failed_job_leaves_no_artifact_and_no_directory(tiny_dir, tmp_path):
+def test_a_refused_plan_fails_before_writing_anything(tiny_dir, tmp_path):
     before = open_store().list()
     with pytest.raises(Exception, match="cannot be removed"):
         run_prune(str(tiny_dir), tiny_settings(ratio=0.95), out_dir=tmp_path / "never")
     assert not (tmp_path / "never").exists()
     assert open_store().list() == before
+
+
+@pytest.mark.parametrize("given_out_dir", [True, False], ids=["out_dir", "staging"])
+def test_a_store_failing_mid_upload_leaves_no_artifact_no_checkpoint_and_no_temp_dir(tiny_dir, tmp_path, monkeypatch,
+                                                                                      given_out_dir):
+    """The checkpoint is written and the store's first object is uploaded; the second
+    upload fails (injected into the real local store). The job must roll back: no
+    artifact listed, no out_dir, no staging directory under the temp dir."""
+    from prunelab.store.local import LocalStore
+
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    out_dir = tmp_path / "pruned" if given_out_dir else None
+    written_at_failure = []
+    real_put = LocalStore._put_object
+
+    def second_put_fails(store, key, source):
+        if written_at_failure:
+            raise OSError("injected: disk full on the second object")
+        real_put(store, key, source)
+        written_at_failure.extend(sorted(p.name for p in Path(source).parent.iterdir()))
+
+    monkeypatch.setattr(LocalStore, "_put_object", second_put_fails)
+    before = open_store().list()
+    with pytest.raises(OSError, match="injected"):
+        run_prune(str(tiny_dir), tiny_settings(method="l1", correction=False), out_dir=out_dir)
+    assert "model.safetensors" in written_at_failure  # the failure came after the checkpoint was on disk
+    assert open_store().list() == before
+    assert out_dir is None or not out_dir.exists()
+    assert list(temp_root.iterdir()) == []
 
 
 def test_cli_json_reports_what_was_asked_and_got(tiny_dir, tmp_path, capsys):
