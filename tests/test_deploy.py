@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -309,14 +310,57 @@ def test_env_example_placeholders_are_refused():
 
 # ---------------------------------------------------------------- Kubernetes
 
+# What a user applies as shipped: no placeholder Secret may be among them.
 K8S_VARIANTS = ["base", "overlays/dev", "overlays/gpu"]
+# Overlays a user writes, as deploy/k8s/overlays/<name>: the opt-in components
+# combined, and the kustomizations the README shows (rendered by test_readme_*).
+COMPOSED_OVERLAYS = {
+    "overlays/with-dev-secrets": {"resources": ["../dev"], "components": ["../../components/dev-secrets"]},
+    "overlays/with-evaluator-keda": {
+        "resources": ["../../base"],
+        "components": ["../../components/gpu", "../../components/evaluator-keda"],
+        "configMapGenerator": [{"name": "prunelab-config", "behavior": "merge", "literals": ["PRUNELAB_S3_ENDPOINT=s3.example.com:443"]}],
+    },
+}
+ALL_K8S_VARIANTS = [*K8S_VARIANTS, *COMPOSED_OVERLAYS]
+# Custom resources: kubernetes-validate bundles only the built-in kinds' schemas, so
+# these are checked by their own tests instead (KEDA's ScaledObject).
+CRD_API_GROUPS = ("keda.sh/",)
+
+
+@cache
+def overlay_workspace() -> Path:
+    """A deploy/k8s look-alike: the real base, components and overlays linked in,
+    and room for overlays written by the tests; kept until the process ends."""
+    root = Path(tempfile.mkdtemp(prefix="prunelab-k8s-")) / "k8s"
+    (root / "overlays").mkdir(parents=True)
+    for part in ("base", "components"):
+        (root / part).symlink_to(K8S / part)
+    for overlay in (K8S / "overlays").iterdir():
+        (root / "overlays" / overlay.name).symlink_to(overlay)
+    return root
+
+
+def kustomize(path: Path) -> tuple[dict, ...]:
+    built = subprocess.run([str(KUBECTL), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    return tuple(doc for doc in yaml.safe_load_all(built.stdout) if doc)
+
+
+def render_overlay(name: str, kustomization: dict) -> tuple[dict, ...]:
+    """Render `kustomization` as if it were deploy/k8s/overlays/<name>."""
+    folder = overlay_workspace() / "overlays" / name
+    folder.mkdir()
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(folder)
 
 
 @cache
 def manifests(variant: str) -> tuple[dict, ...]:
-    built = subprocess.run([str(KUBECTL), "kustomize", str(K8S / variant)], capture_output=True, text=True, timeout=60)
-    assert built.returncode == 0, built.stderr
-    return tuple(doc for doc in yaml.safe_load_all(built.stdout) if doc)
+    if variant in COMPOSED_OVERLAYS:
+        kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "prunelab"}
+        return render_overlay(variant.removeprefix("overlays/"), {**kustomization, **COMPOSED_OVERLAYS[variant]})
+    return kustomize(K8S / variant)
 
 
 def of_kind(variant: str, kind: str) -> dict[str, dict]:
@@ -338,9 +382,10 @@ def the_container(deployment: dict) -> dict:
     return containers[0]
 
 
-@pytest.mark.parametrize("variant", K8S_VARIANTS)
-def test_manifests_match_the_kubernetes_schemas(variant):
-    for doc in manifests(variant):
+def validate_manifests(docs: tuple[dict, ...]) -> None:
+    for doc in docs:
+        if doc["apiVersion"].startswith(CRD_API_GROUPS):
+            continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except SchemaNotFoundError as err:
@@ -348,6 +393,11 @@ def test_manifests_match_the_kubernetes_schemas(variant):
         except kubernetes_validate.ValidationError as err:
             where = ".".join(str(part) for part in err.path)
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {where}: {err.message}")
+
+
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
+def test_manifests_match_the_kubernetes_schemas(variant):
+    validate_manifests(manifests(variant))
 
 
 def test_schema_validation_catches_mistakes():
@@ -362,15 +412,18 @@ def test_schema_validation_catches_mistakes():
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("variant", K8S_VARIANTS)
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
 def test_one_deployment_and_service_per_service(variant):
     deployments, services = of_kind(variant, "Deployment"), of_kind(variant, "Service")
     assert set(SERVICES) <= set(deployments) and set(SERVICES) <= set(services)
     for name in SERVICES:
         container = the_container(deployments[name])
-        assert container["command"] == ["python", f"services/{name}/main.py"]
-        assert (REPO / container["command"][1]).is_file(), f"{name}: {container['command'][1]} does not exist"
-        assert container["ports"] == [{"name": "grpc", "containerPort": GRPC_PORT}]
+        # args, not command: a command would replace the image's entry point, tini
+        assert "command" not in container, f"{name}: command bypasses tini; set args"
+        assert container["args"] == ["python", f"services/{name}/main.py"]
+        assert (REPO / container["args"][1]).is_file(), f"{name}: {container['args'][1]} does not exist"
+        metrics = [{"name": "metrics", "containerPort": METRICS_PORT}] if name == "orchestrator" else []
+        assert container["ports"] == [{"name": "grpc", "containerPort": GRPC_PORT}, *metrics]
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         selector = services[name]["spec"]["selector"]
         assert selector.items() <= pod_labels.items(), f"Service {name} does not select its pods"
@@ -380,7 +433,7 @@ def test_one_deployment_and_service_per_service(variant):
     assert "clusterIP" not in services["orchestrator"]["spec"]
 
 
-@pytest.mark.parametrize("variant", K8S_VARIANTS)
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
 def test_every_deployment_has_grpc_probes_and_resources(variant):
     for name, deployment in of_kind(variant, "Deployment").items():
         container = the_container(deployment)
@@ -390,7 +443,7 @@ def test_every_deployment_has_grpc_probes_and_resources(variant):
             assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}: {bound}"
 
 
-@pytest.mark.parametrize("variant", K8S_VARIANTS)
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
 def test_every_pod_runs_as_non_root_and_locked_down(variant):
     for name, pod in pod_specs(variant).items():
         assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -413,37 +466,42 @@ def test_every_pod_runs_as_non_root_and_locked_down(variant):
     assert of_kind(variant, "ServiceAccount")["prunelab"]["automountServiceAccountToken"] is False
 
 
-@pytest.mark.parametrize("variant", K8S_VARIANTS)
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
 def test_configuration_comes_from_the_configmap_and_the_secret(variant):
     configmaps, secrets = of_kind(variant, "ConfigMap"), of_kind(variant, "Secret")
     config = next(cm for name, cm in configmaps.items() if name.startswith("prunelab-config-"))
     assert set(config["data"]) <= config_env_vars()
     assert "PRUNELAB_S3_ACCESS_KEY" not in config["data"] and "PRUNELAB_S3_SECRET_KEY" not in config["data"]
-    s3_secret = secrets["prunelab-s3"]["stringData"]
-    assert set(s3_secret) == {"PRUNELAB_S3_ACCESS_KEY", "PRUNELAB_S3_SECRET_KEY"}
-    assert PLACEHOLDER in s3_secret["PRUNELAB_S3_SECRET_KEY"], "the shipped secret must be an obvious placeholder"
+    if "prunelab-s3" in secrets:  # only from the opt-in dev-secrets component
+        s3_secret = secrets["prunelab-s3"]["stringData"]
+        assert set(s3_secret) == {"PRUNELAB_S3_ACCESS_KEY", "PRUNELAB_S3_SECRET_KEY"}
+        assert PLACEHOLDER in s3_secret["PRUNELAB_S3_SECRET_KEY"], "a shipped secret must be an obvious placeholder"
     for name, deployment in of_kind(variant, "Deployment").items():
         container = the_container(deployment)
         assert container["envFrom"] == [
             {"configMapRef": {"name": config["metadata"]["name"]}},
             {"secretRef": {"name": "prunelab-s3"}},
         ], name
+        env = {var["name"]: var for var in container["env"]}
+        # the token from its own Secret, which may be missing: public models need none
+        assert env.pop("HF_TOKEN")["valueFrom"] == {"secretKeyRef": {"name": "prunelab-hf", "key": "HF_TOKEN", "optional": True}}
         # nothing secret is written into a pod spec
-        for var in container.get("env", []):
-            assert not re.search(r"SECRET|ACCESS_KEY|PASSWORD", var["name"]), f"{name}: {var['name']} inlined"
+        for var in env.values():
+            assert not re.search(r"SECRET|ACCESS_KEY|PASSWORD|TOKEN", var["name"]), f"{name}: {var['name']} inlined"
             assert var["name"] in config_env_vars(), f"{name}: config.py never reads {var['name']}"
+            assert set(var) == {"name", "value"}, f"{name}: {var['name']}"
     if variant != "base":
         assert config["data"]["PRUNELAB_S3_ENDPOINT"], "the overlay sets the S3 endpoint"
         namespaced = [doc for doc in manifests(variant) if doc["kind"] != "Namespace"]
         assert {doc["metadata"].get("namespace") for doc in namespaced} == {"prunelab"}
 
 
-@pytest.mark.parametrize("variant", K8S_VARIANTS)
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
 def test_orchestrator_is_a_single_pod_on_a_volume(variant):
     deployment = of_kind(variant, "Deployment")["orchestrator"]
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    env = {var["name"]: var["value"] for var in the_container(deployment)["env"]}
+    env = {var["name"]: var.get("value") for var in the_container(deployment)["env"]}
     for name in WORKERS:
         assert env[f"PRUNELAB_{name.upper()}_ADDR"] == f"dns:///{name}:{GRPC_PORT}"
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -452,7 +510,7 @@ def test_orchestrator_is_a_single_pod_on_a_volume(variant):
     assert claim in of_kind(variant, "PersistentVolumeClaim")
 
 
-@pytest.mark.parametrize("variant", K8S_VARIANTS)
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
 def test_tuner_keeps_its_snapshots_on_a_claim(variant):
     deployment = of_kind(variant, "Deployment")["tuner"]
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -507,8 +565,122 @@ def test_dev_overlay_brings_minio_and_its_setup_job():
     assert of_kind("overlays/dev", "ConfigMap")[scripts]["data"]["setup-bucket.sh"] == SETUP_SCRIPT.read_text()
     sources = [source for source in pod["containers"][0]["envFrom"]]
     assert {"secretRef": {"name": "prunelab-s3"}} in sources and {"secretRef": {"name": "minio-root"}} in sources
-    assert PLACEHOLDER in of_kind("overlays/dev", "Secret")["minio-root"]["stringData"]["MINIO_ROOT_PASSWORD"]
+    assert minio["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "minio-root"}}]
     assert not of_kind("overlays/gpu", "StatefulSet"), "the GPU overlay uses an S3 service of its own"
+
+
+UNITS = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity ("250m", "2", "1536Mi", "40Gi") as a number."""
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value)).groups()
+    return float(number) * UNITS[unit]
+
+
+def pod_templates(variant: str) -> dict[str, tuple[int, dict]]:
+    """Every pod template with the number of pods it runs at once."""
+    return {
+        f"{doc['kind']}/{doc['metadata']['name']}": (doc["spec"].get("replicas", 1) if doc["kind"] != "Job" else 1, doc["spec"]["template"]["spec"])
+        for doc in manifests(variant)
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_shipped_variants_hold_no_secret(variant):
+    """`kubectl apply -k` after the README's `kubectl create secret` steps must not
+    overwrite those Secrets with placeholders: the base and the shipped overlays have none."""
+    assert not of_kind(variant, "Secret"), f"{variant} ships Secrets: {list(of_kind(variant, 'Secret'))}"
+
+
+def test_placeholder_secrets_only_in_the_dev_secrets_component():
+    secrets = of_kind("overlays/with-dev-secrets", "Secret")
+    assert set(secrets) == {"prunelab-s3", "minio-root"}
+    assert PLACEHOLDER in secrets["prunelab-s3"]["stringData"]["PRUNELAB_S3_SECRET_KEY"]
+    assert PLACEHOLDER in secrets["minio-root"]["stringData"]["MINIO_ROOT_PASSWORD"]
+    assert {secret["metadata"]["namespace"] for secret in secrets.values()} == {"prunelab"}
+
+
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
+def test_every_probe_has_an_explicit_timeout(variant):
+    """The 1 s default fails a probe whenever a busy job delays the answer."""
+    for name, (_, pod) in pod_templates(variant).items():
+        for container in pod["containers"]:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe in container:
+                    assert container[probe].get("timeoutSeconds", 1) >= 5, f"{name}: {probe}"
+
+
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
+def test_cache_is_one_claim_shared_by_every_pod(variant):
+    """Hub downloads and converted models once per cluster, not once per pod."""
+    image_env = dict(re.findall(r"(\w+)=(\S+)", dict(dockerfile_instructions())["ENV"]))
+    assert image_env["HF_HOME"].startswith(image_env["PRUNELAB_CACHE"] + "/"), "the hub cache is inside PRUNELAB_CACHE"
+    for name, deployment in of_kind(variant, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        mount = next(m for m in the_container(deployment)["volumeMounts"] if m["mountPath"] == image_env["PRUNELAB_CACHE"])
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume == {"name": mount["name"], "persistentVolumeClaim": {"claimName": "prunelab-cache"}}, name
+    claim = of_kind(variant, "PersistentVolumeClaim")["prunelab-cache"]
+    # many nodes need ReadWriteMany; the one-node dev overlay falls back to ReadWriteOnce
+    assert claim["spec"]["accessModes"] == (["ReadWriteOnce"] if variant.startswith("overlays/") and "dev" in variant else ["ReadWriteMany"])
+
+
+SEVEN_B_BF16_CHECKPOINT = 7e9 * 2  # bytes
+
+
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
+def test_scratch_space_holds_a_7b_checkpoint_twice(variant):
+    """Checkpoints are staged in /tmp before the upload: a 7B model in bf16 and room
+    for a second copy (a converted input next to the pruned output)."""
+    for name, deployment in of_kind(variant, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        mount = next(m for m in the_container(deployment)["volumeMounts"] if m["mountPath"] == "/tmp")
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert quantity(volume["emptyDir"]["sizeLimit"]) >= 2 * SEVEN_B_BF16_CHECKPOINT, name
+
+
+def test_dev_overlay_fits_kind_or_minikube():
+    """Every pod of the dev overlay schedules on a 4-CPU, 8 GiB node."""
+    cpu = memory = 0.0
+    for replicas, pod in pod_templates("overlays/dev").values():
+        for container in pod["containers"] + pod.get("initContainers", []):
+            requests = container["resources"]["requests"]
+            cpu += replicas * quantity(requests["cpu"])
+            memory += replicas * quantity(requests["memory"])
+    assert cpu <= 4, f"the dev overlay requests {cpu} CPUs"
+    assert memory <= 8 * 2**30, f"the dev overlay requests {memory / 2**30:.2f} GiB"
+    # and each container's limit still leaves room for the SmolLM2 study (2.3 GiB at peak)
+    for name in WORKERS:
+        assert quantity(the_container(of_kind("overlays/dev", "Deployment")[name])["resources"]["limits"]["memory"]) >= 4 * 2**30
+
+
+def test_orchestrator_metrics_are_reachable_for_prometheus():
+    for variant in ALL_K8S_VARIANTS:
+        deployment = of_kind(variant, "Deployment")["orchestrator"]
+        env = {var["name"]: var.get("value") for var in the_container(deployment)["env"]}
+        assert env["PRUNELAB_METRICS_PORT"] == str(METRICS_PORT)
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
+        ports = {p["name"]: p for p in of_kind(variant, "Service")["orchestrator"]["spec"]["ports"]}
+        assert (ports["metrics"]["port"], ports["metrics"]["targetPort"]) == (METRICS_PORT, "metrics")
+
+
+def test_evaluator_keda_scales_on_queued_evaluations():
+    variant = "overlays/with-evaluator-keda"
+    scaled = next(doc for doc in manifests(variant) if doc["kind"] == "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["metadata"]["namespace"] == "prunelab"
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "evaluator")
+    assert 1 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert 'prunelab_jobs_queued{kind="evaluate"}' in trigger["metadata"]["query"]
+    assert float(trigger["metadata"]["threshold"]) > 0
+    assert "replicas" not in of_kind(variant, "Deployment")["evaluator"]["spec"], "KEDA owns the replica count"
+    assert not of_kind(variant, "HorizontalPodAutoscaler"), "KEDA makes its own HPA; a second would fight it"
 
 
 # ---------------------------------------------------------------- Dockerfile
