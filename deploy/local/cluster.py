@@ -78,6 +78,7 @@ class Cluster:
     orchestrator: str  # host:port for the CLI
     targets: dict[str, str]  # service -> gRPC target, e.g. evaluator -> ipv4:127.0.0.1:P1,127.0.0.1:P2
     store_env: dict[str, str]  # PRUNELAB_STORE and PRUNELAB_S3_*: what a client needs to reach the store
+    metrics: str = ""  # the orchestrator's Prometheus endpoint, http://host:port/metrics
     processes: list[Process] = field(default_factory=list)
     seaweed_ports: list[int] = field(default_factory=list)
 
@@ -129,7 +130,7 @@ def up(
 
     # One call, so no two are the same; never the orchestrator's fixed port (free
     # ports come from the ephemeral range, which holds 50051).
-    ports = iter([port for port in free_ports(sum(WORKERS.values()) + 2) if port != orchestrator_port])
+    ports = iter([port for port in free_ports(sum(WORKERS.values()) + 3) if port != orchestrator_port])
     orchestrator_port = orchestrator_port or next(ports)
     store = start_seaweed(state_dir / "seaweedfs", ACCESS_KEY, secrets.token_hex(20))
     cluster = Cluster(
@@ -162,10 +163,12 @@ def up(
             **base_env,
             "PRUNELAB_ORCHESTRATOR_MAX_PARALLEL": os.environ.get("PRUNELAB_ORCHESTRATOR_MAX_PARALLEL", str(CORES)),
             "PRUNELAB_ORCHESTRATOR_DB": str(state_dir / "orchestrator.db"),
+            "PRUNELAB_METRICS_PORT": str(metrics_port := next(ports)),
             **{f"PRUNELAB_{name.upper()}_ADDR": target for name, target in cluster.targets.items()},
         }
         cluster.processes.append(_spawn(ORCHESTRATOR, ORCHESTRATOR, orchestrator_port, orchestrator_env, logs, python))
         cluster.targets[ORCHESTRATOR] = cluster.orchestrator
+        cluster.metrics = f"http://{HOST}:{metrics_port}/metrics"
         cluster.save()
         _wait_healthy(cluster, ready_timeout)
     except BaseException:  # Ctrl-C included: leave nothing running
@@ -298,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"store: {cluster.store_env['PRUNELAB_STORE']} at http://{cluster.store_env['PRUNELAB_S3_ENDPOINT']}")
         print(f"logs:  {Path(cluster.state_dir) / 'logs'}")
         print(f"orchestrator: {cluster.orchestrator}   (prunelab run STUDY.yaml --orchestrator {cluster.orchestrator})")
+        print(f"metrics: {cluster.metrics}")
         print("stop it with: make down-local")
         return 0
     if args.command == "down":

@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     importer.add_argument("path", type=Path, help="a file (one split) or a folder of <split> files")
     importer.add_argument("--split", help="the split a single file holds (default: from its name, e.g. valid.txt)")
     importer.add_argument("--format", choices=sorted(FORMATS), help="default: detected from the file")
+    importer.add_argument("--orchestrator", metavar="HOST:PORT", help="into a deployment's store: upload through its orchestrator")
     importer.set_defaults(handler=_import)
 
     lister = commands.add_parser("list", help="list stored datasets")
@@ -27,9 +28,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    if args.orchestrator:
+        return _import_remote(args)
     dataset = import_dataset(args.name, args.path, split=args.split, kind=args.format)
     splits = ", ".join(f"{s} ({info.rows} rows, {info.words} words)" for s, info in sorted(dataset.splits.items()))
     print(f"{dataset.name}: {dataset.format}, {splits} -> {dataset.uri}")
+    return 0
+
+
+def _import_remote(args: argparse.Namespace) -> int:
+    from prunelab.orchestrate.transfer import upload_dataset
+    from prunelab.rpc import domain_errors, make_channel
+    from prunelab.v1.orchestrator_pb2_grpc import OrchestratorStub
+
+    with make_channel(args.orchestrator) as channel, domain_errors():
+        dataset = upload_dataset(OrchestratorStub(channel), args.name, args.path, args.split, args.format)
+    splits = ", ".join(f"{s.name} ({s.rows} rows, {s.words} words)" for s in dataset.splits)
+    print(f"{dataset.name}: {dataset.format}, {splits} -> {dataset.dataset.uri} (in the store of {args.orchestrator})")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The Orchestrator gRPC servicer: orchestrator.proto in, `Orchestrator` and
-`StudyDB` underneath.
+`StudyDB` underneath, and the deployment's store for data in (ImportDataset)
+and artifacts out (ListArtifacts, GetArtifact).
 
 With an `Orchestrator` it accepts studies; without one it only reads the
 database, which is how the CLI's `status`, `watch`, `report` and `cancel` work on
@@ -9,6 +10,7 @@ process notices a cancellation in the database and stops its jobs.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,11 +18,14 @@ from pathlib import Path
 
 import grpc
 
+from prunelab.config import settings
+from prunelab.data import import_dataset
 from prunelab.errors import FailedPrecondition
 from prunelab.orchestrate.orchestrator import Orchestrator
 from prunelab.orchestrate.state import FINAL_STATES, JOB_STATES, JobRow, StudyDB, StudyRow
 from prunelab.orchestrate.study import parse_study
-from prunelab.store import open_store
+from prunelab.orchestrate.transfer import artifact_stream, receive_upload
+from prunelab.store import ArtifactRef, open_store
 from prunelab.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 SERVICE_NAME = "prunelab.v1.Orchestrator"
@@ -79,6 +84,23 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             report=_artifact(row.report), report_dir=row.report["dir"], markdown=(folder / "report.md").read_text(encoding="utf-8"), files=files,
         )
 
+    def ImportDataset(self, request_iterator: Iterator[orchestrator_pb2.ImportDatasetRequest], context: grpc.ServicerContext
+                      ) -> orchestrator_pb2.ImportDatasetResponse:
+        with tempfile.TemporaryDirectory(prefix="prunelab-upload-") as staging:
+            header, path = receive_upload(request_iterator, Path(staging), settings().max_upload_bytes)
+            dataset = import_dataset(header.name, path, split=header.split or None, kind=header.format or None)
+        ref = open_store().stat(dataset.uri)
+        return orchestrator_pb2.ImportDatasetResponse(
+            name=dataset.name, format=dataset.format, dataset=_artifact_ref(ref),
+            splits=[orchestrator_pb2.DatasetSplit(name=split, rows=info.rows, words=info.words) for split, info in sorted(dataset.splits.items())],
+        )
+
+    def ListArtifacts(self, request: orchestrator_pb2.ListArtifactsRequest, context: grpc.ServicerContext) -> orchestrator_pb2.ListArtifactsResponse:
+        return orchestrator_pb2.ListArtifactsResponse(artifacts=[_artifact_ref(ref) for ref in open_store().list(request.kind or None)])
+
+    def GetArtifact(self, request: orchestrator_pb2.GetArtifactRequest, context: grpc.ServicerContext) -> Iterator[orchestrator_pb2.GetArtifactResponse]:
+        return artifact_stream(open_store(), request.uri)
+
     def _study(self, study_id: str) -> orchestrator_pb2.Study:
         return study_message(self.db.study(study_id), self.db.jobs(study_id))
 
@@ -109,6 +131,10 @@ def _job(job: JobRow) -> orchestrator_pb2.Job:
         id=job.id, key=job.key, kind=job.kind, state=job.state, attempts=job.attempts, fraction=job.fraction, message=job.message,
         error=job.error, cached_from=job.cached_from, inputs_hash=job.inputs_hash, duration_seconds=job.duration_s or 0.0, needs=job.needs,
     )
+
+
+def _artifact_ref(ref: ArtifactRef) -> common_pb2.ArtifactRef:
+    return common_pb2.ArtifactRef(uri=ref.uri, digest=ref.digest, kind=ref.kind, size_bytes=ref.size)
 
 
 def _artifact(report: dict) -> common_pb2.ArtifactRef:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prunelab.errors import Unavailable
-from prunelab.rpc.status import JOB_ID_METADATA_KEY
+from prunelab.errors import PrunelabError, Unavailable
+from prunelab.rpc.status import JOB_ID_METADATA_KEY, error_detail
 
 # gRPC keeps one long-lived HTTP/2 connection per channel. Behind a Kubernetes
 # ClusterIP that pins every call to one pod; with a headless service and a
@@ -79,3 +81,20 @@ def check_health(target: str, service: str = "", timeout: float = HEALTH_CHECK_T
 def job_metadata(job_id: str) -> list[tuple[str, str]]:
     """Request metadata that makes the server log the call under `job_id`."""
     return [(JOB_ID_METADATA_KEY, job_id)]
+
+
+@contextlib.contextmanager
+def domain_errors() -> Iterator[None]:
+    """A call that fails inside the block raises the prunelab error of its status code
+    (INVALID_ARGUMENT -> InvalidArgument, ...) with the server's reason and field,
+    so a command reports a remote failure as it reports a local one."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        detail = error_detail(error)
+        error_class = _ERROR_CLASSES.get(error.code().name, PrunelabError)
+        raise error_class(error.details() or error.code().name, field=detail.field if detail else "") from None
+
+
+# One direct subclass per status code (IntegrityError, a FailedPrecondition, is not one).
+_ERROR_CLASSES = {cls.grpc_code: cls for cls in PrunelabError.__subclasses__()}
