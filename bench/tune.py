@@ -1,8 +1,10 @@
 """LoRA recovery benchmark: SmolLM2-135M pruned 50 % with taylor, then `run_tune` on CPU.
 
-Run: `python -P bench/tune.py` (pruning ~2 min, tuning ~8-10 min on 2 busy cores).
-Needs ../shared/data (WikiText-2 validation text); prints a message and exits 0
-without it.
+Run: `python -P bench/tune.py` (pruning ~2 min, tuning ~8-10 min on 2 busy cores;
+the smallest run: `--steps 2 --eval-every 1 --max-val-examples 4`). Needs
+../shared/data (WikiText-2 validation text); prints a message and exits 0 without it.
+The model, SmolLM2-135M-Instruct, is the Q4_1 GGUF dequantized to float32, so its
+perplexities are not the original checkpoint's.
 
 Protocol (printed with the results):
 - text: ../shared/data/wikitext2/valid.tokens cut by lines: the first 90 % of lines
@@ -16,8 +18,12 @@ Protocol (printed with the results):
 - tune: `run_tune(pruned, TuneSettings(data="wikitext2-valid", val_data=
   "wikitext2-valid", ...))` with the hyperparameters below, fp32, one torch thread
   (on a shared 2-core machine two OpenMP threads spin-wait: a step took 6x longer);
-- perplexity: the tuner's validation, exp(mean NLL) over windows of max_length
-  tokens from the start of the validation split (the first max_val_examples).
+- perplexity: exp(mean NLL) over windows of max_length tokens of the validation
+  split, which the tuner cuts in two: the *selection* half (the first half of its
+  windows, at most max_val_examples) chooses the step returned, so its "after" is
+  biased low by construction (never above "before"); the *held-out* half (the last
+  half, at most max_val_examples) is scored only on the input and the returned
+  model. The goal is judged on the held-out figure.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASET = "wikitext2-valid"
 TRAIN_SHARE = 0.9  # of valid.tokens' lines; the rest is validation
-GOAL = 0.20  # validation perplexity at least this much lower
+GOAL = 0.20  # held-out perplexity at least this much lower
 
 
 def main() -> int:
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace, home: Path) -> int:
     print(f"tuning: {settings.as_dict()}", flush=True)
     outcome = run_tune(pruned.artifact.uri, settings, device="cpu", progress=print_evaluations)
     print_results(outcome)
-    return 0 if outcome.val_ppl_after <= outcome.val_ppl_before else 1
+    return 0
 
 
 def import_split_text(folder: Path) -> None:
@@ -101,15 +107,21 @@ def print_evaluations(update) -> None:
 
 
 def print_results(outcome) -> None:
-    change = outcome.val_ppl_after / outcome.val_ppl_before - 1
-    print(f"\n{'step':>6} {'train loss':>11} {'val ppl':>9}")
+    print(f"\n{'step':>6} {'train loss':>11} {'selection ppl':>14}")
     for point in outcome.curve:
         loss = f"{point.train_loss:.4f}" if point.train_loss is not None else "-"
-        print(f"{point.step:>6} {loss:>11} {point.val_ppl:>9.2f}")
-    print(f"\nvalidation perplexity {outcome.val_ppl_before:.2f} -> {outcome.val_ppl_after:.2f} ({change:+.1%}); {outcome.reason}")
-    print(f"tuning wall time {outcome.wall_seconds:.0f} s, peak RSS {outcome.peak_memory_bytes / 2**30:.2f} GiB")
-    met = change <= -GOAL
-    print(f"goal (at least {GOAL:.0%} lower, never higher): {'met' if met else 'NOT met'}")
+        print(f"{point.step:>6} {loss:>11} {point.val_ppl:>14.2f}")
+    data = outcome.data
+    heldout = outcome.heldout_ppl_after / outcome.heldout_ppl_before - 1
+    selection = outcome.val_ppl_after / outcome.val_ppl_before - 1
+    print("\n| split | windows | ppl before | ppl after | change |\n|---|---|---|---|---|")
+    print(f"| held-out (chose nothing) | {data['heldout_examples']} | {outcome.heldout_ppl_before:.2f} | "
+          f"{outcome.heldout_ppl_after:.2f} | {heldout:+.1%} |")
+    print(f"| selection (chose the step; biased) | {data['val_examples']} | {outcome.val_ppl_before:.2f} | "
+          f"{outcome.val_ppl_after:.2f} | {selection:+.1%} |")
+    print(f"{outcome.reason}")
+    print(f"tuning wall time {outcome.wall_seconds:.0f} s, peak RSS {outcome.peak_memory_bytes / 2**30:.2f} GiB (sampled)")
+    print(f"goal (held-out perplexity at least {GOAL:.0%} lower): {'met' if heldout <= -GOAL else 'NOT met'}")
 
 
 if __name__ == "__main__":
