@@ -10,12 +10,14 @@ pins are checked against the repository instead.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
+import textwrap
 from functools import cache
 from pathlib import Path
 
@@ -312,14 +314,42 @@ def test_env_example_placeholders_are_refused():
 
 # What a user applies as shipped: no placeholder Secret may be among them.
 K8S_VARIANTS = ["base", "overlays/dev", "overlays/gpu"]
+KUSTOMIZATION = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+DEPLOYMENT_SECTIONS = ("GPU host quick start (Docker Compose)", "Scaling the evaluator", "Kubernetes")
+
+
+def readme_section(title: str) -> str:
+    readme = (REPO / "README.md").read_text()
+    return readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The fenced `language` blocks of the README's deployment sections, dedented
+    (the Kubernetes steps indent theirs into a list)."""
+    return [
+        textwrap.dedent(body)
+        for title in DEPLOYMENT_SECTIONS
+        for _indent, body in re.findall(rf"^( *)```{language}\n(.*?)^\1```$", readme_section(title), re.MULTILINE | re.DOTALL)
+    ]
+
+
 # Overlays a user writes, as deploy/k8s/overlays/<name>: the opt-in components
-# combined, and the kustomizations the README shows (rendered by test_readme_*).
+# combined, and every kustomization the README's deployment sections show.
 COMPOSED_OVERLAYS = {
-    "overlays/with-dev-secrets": {"resources": ["../dev"], "components": ["../../components/dev-secrets"]},
+    "overlays/with-dev-secrets": {
+        **KUSTOMIZATION, "namespace": "prunelab",
+        "resources": ["../dev"], "components": ["../../components/dev-secrets"],
+    },
     "overlays/with-evaluator-keda": {
+        **KUSTOMIZATION, "namespace": "prunelab",
         "resources": ["../../base"],
         "components": ["../../components/gpu", "../../components/evaluator-keda"],
         "configMapGenerator": [{"name": "prunelab-config", "behavior": "merge", "literals": ["PRUNELAB_S3_ENDPOINT=s3.example.com:443"]}],
+    },
+    **{
+        f"overlays/readme-{number}": kustomization
+        for number, kustomization in enumerate(yaml.safe_load(block) for block in readme_blocks("yaml"))
+        if kustomization.get("kind") == "Kustomization"
     },
 }
 ALL_K8S_VARIANTS = [*K8S_VARIANTS, *COMPOSED_OVERLAYS]
@@ -358,8 +388,7 @@ def render_overlay(name: str, kustomization: dict) -> tuple[dict, ...]:
 @cache
 def manifests(variant: str) -> tuple[dict, ...]:
     if variant in COMPOSED_OVERLAYS:
-        kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "prunelab"}
-        return render_overlay(variant.removeprefix("overlays/"), {**kustomization, **COMPOSED_OVERLAYS[variant]})
+        return render_overlay(variant.removeprefix("overlays/"), COMPOSED_OVERLAYS[variant])
     return kustomize(K8S / variant)
 
 
@@ -791,3 +820,99 @@ def test_every_setting_is_documented():
     env_example = {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines() if line and not line.startswith("#")}
     assert config_env_vars() <= documented, f"undocumented: {config_env_vars() - documented}"
     assert env_example <= documented, f"undocumented: {env_example - documented}"
+
+
+NOT_RUN_MARKERS = ("(needs a GPU host)", "(needs Docker)", "(needs a Kubernetes cluster)")
+
+
+def readme_commands() -> list[tuple[str, bool]]:
+    """(command, marked as not run here) for every command line in the README's
+    deployment sections; a marker in a block's comment covers the whole block."""
+    commands = []
+    for block in readme_blocks("sh"):
+        lines = re.sub(r"\\\n\s*", " ", block).splitlines()
+        block_marked = any(line.startswith("#") and any(m in line for m in NOT_RUN_MARKERS) for line in lines)
+        for line in lines:
+            if line.strip() and not line.startswith("#"):
+                commands.append((line.strip(), block_marked or any(m in line for m in NOT_RUN_MARKERS)))
+    return commands
+
+
+def run_readme_command(line: str, workdir: Path) -> subprocess.CompletedProcess:
+    """Run one README command the way this machine can: shell steps on a copy of
+    .env.example in `workdir`, `docker compose config` with the Compose binary,
+    `kubectl kustomize` as it is, `kubectl create secret` without a cluster (client dry run)."""
+    words = shlex.split(line, comments=True)
+    shell = {"cwd": workdir, "capture_output": True, "text": True, "timeout": 60,
+             "env": {"PATH": f"{KUBECTL.parent}:/usr/bin:/bin", "HOME": str(workdir)}}
+    if words[0] in ("cp", "sed"):
+        return subprocess.run(["bash", "-c", line], **shell)
+    if words[:2] == ["docker", "compose"]:
+        assert "config" in words, f"only `docker compose config` runs without Docker: {line}"
+        env_file = workdir / ".env" if (workdir / ".env").exists() else REPO / ".env.example"
+        return run_compose(*words[2:], env_file=env_file)
+    if Path(words[0]).name == "kubectl" and words[1] == "kustomize":
+        return subprocess.run([str(KUBECTL), "kustomize", str(REPO / words[2])], capture_output=True, text=True, timeout=60)
+    if Path(words[0]).name == "kubectl" and "create" in words and "secret" in words:
+        return subprocess.run(["bash", "-c", line.split(" #")[0] + " --dry-run=client -o json"], **shell)
+    pytest.fail(f"README command neither run by a test nor marked {NOT_RUN_MARKERS}: {line}")
+
+
+def test_readme_deployment_commands_run_or_are_marked(tmp_path):
+    """Every unmarked command of the deployment sections runs here, in order, and does
+    what the README says: the .env it edits is complete, and the Secrets it creates are
+    the ones the pods read, under the names the dev-secrets component uses, with the
+    keys it has."""
+    (tmp_path / ".env.example").write_text((REPO / ".env.example").read_text())
+    created = {}
+    for line, marked in readme_commands():
+        if marked:
+            continue
+        ran = run_readme_command(line, tmp_path)
+        assert ran.returncode == 0, f"{line}\n{ran.stderr}"
+        if "create secret" in line:
+            secret = json.loads(ran.stdout)
+            created[secret["metadata"]["name"]] = secret
+            assert secret["metadata"]["namespace"] == "prunelab"
+    env = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines() if line and not line.startswith("#"))
+    assert not [key for key, value in env.items() if PLACEHOLDER in value], "the README's .env still holds placeholders"
+    assert 8 <= len(env["PRUNELAB_S3_SECRET_KEY"]) <= 40, "MinIO takes secret keys of 8 to 40 characters"
+    placeholders = of_kind("overlays/with-dev-secrets", "Secret")
+    for name, placeholder in placeholders.items():
+        assert set(created[name]["data"]) == set(placeholder["stringData"]), name
+    # every Secret a pod reads, optional ones included, is one the README creates
+    for variant in ALL_K8S_VARIANTS:
+        for pod_name, (_, pod) in pod_templates(variant).items():
+            for container in pod["containers"]:
+                for source in container.get("envFrom", []):
+                    if "secretRef" in source:
+                        assert source["secretRef"]["name"] in created, f"{pod_name}: {source}"
+                for var in container.get("env", []):
+                    if ref := var.get("valueFrom", {}).get("secretKeyRef"):
+                        assert ref["key"] in created[ref["name"]]["data"], f"{pod_name}: {var['name']}"
+    assert base64.b64decode(created["prunelab-hf"]["data"]["HF_TOKEN"]).startswith(b"hf_")
+
+
+def test_readme_commands_that_need_a_host_use_files_that_render():
+    """The marked commands cannot run here, but the compose files and kustomizations
+    they name can be rendered: every combination the README shows is valid."""
+    compose_sets, applied = set(), set()
+    for line, _marked in readme_commands():
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["docker", "compose"]:
+            compose_sets.add(tuple(words[i + 1] for i, word in enumerate(words) if word == "-f") or ("compose.yaml",))
+        if words[:3] == ["kubectl", "apply", "-k"]:
+            applied.add(words[3])
+    for block in readme_blocks("sh"):
+        compose_sets.update(tuple(value.split(":")) for value in re.findall(r"COMPOSE_FILE=(\S+)", block))
+    assert {files[-1] for files in compose_sets} >= {"compose.yaml", "compose.cpu.yaml", "compose.single-gpu.yaml", "compose.gpu-per-evaluator.yaml"}
+    for files in compose_sets:
+        checked = run_compose(*[arg for name in files for arg in ("-f", name)], "config", "--quiet")
+        assert checked.returncode == 0, f"{files}: {checked.stderr}"
+    readme = (REPO / "README.md").read_text()
+    for path in applied:
+        if (REPO / path).is_dir():
+            kustomize(REPO / path)
+        else:  # an overlay the README shows, to be written by the user
+            assert f"`{path}/kustomization.yaml`" in readme, f"kubectl apply -k {path}: the README never says what it holds"
+    assert any(name.startswith("overlays/readme-") for name in COMPOSED_OVERLAYS), "the README's overlays were not found"
