@@ -1,6 +1,10 @@
 """The `prunelab` command. Each subcommand lives in its own module with a
 `register(subparsers)` function; this file only assembles them and turns domain
-errors into a message on stderr and a non-zero exit."""
+errors into a message on stderr and a non-zero exit.
+
+Command modules import torch, transformers and lm-eval inside their handlers, never
+at module level: `prunelab --help` imports every module and must answer at once
+(tests/test_cli_help.py holds them to it)."""
 
 from __future__ import annotations
 
@@ -13,12 +17,19 @@ from prunelab.config import settings
 from prunelab.errors import PrunelabError
 from prunelab.logs import setup_logging
 
+DESCRIPTION = (
+    "prunelab prunes large language models (structured pruning with LLM-Pruner's criteria), "
+    "recovers them with LoRA, and measures what pruning costs and buys: perplexity, zero-shot "
+    "accuracy, size, memory and speed, one job at a time or as a whole study."
+)
+EPILOG = "Run `prunelab COMMAND --help` for a command's options."
+
 # Subcommand -> the module under prunelab.cli that registers it, in `--help` order.
-# Only the chosen command's module is imported: evaluate and profile pull in
-# lm-eval and ptflops at import, seconds that `prunelab prune` should not pay.
+# Only the chosen command's module is imported.
 COMMAND_MODULES = {
     "data": "data", "prune": "prune", "tune": "tune", "evaluate": "evaluate", "profile": "profile",
     "run": "study", "status": "study", "watch": "study", "report": "study", "cancel": "study",
+    "doctor": "doctor", "artifact": "artifact",
 }
 
 EXIT_USAGE = 2  # argparse's own code for bad usage; domain errors use it too
@@ -28,7 +39,7 @@ EXIT_FAILURE = 1
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for `command` alone when it is known, else for every command
     (`--help`, a typo: argparse then lists them all)."""
-    parser = argparse.ArgumentParser(prog="prunelab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="prunelab", description=DESCRIPTION, epilog=EPILOG)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else dict.fromkeys(COMMAND_MODULES.values())
     for name in modules:

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prunelab.evaluate import Evaluation, EvaluationSpec, ProgressUpdate, run_evaluation
-from prunelab.evaluate.evaluation import DTYPES
-from prunelab.evaluate.perplexity import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
-from prunelab.evaluate.tasks import DEFAULT_SEED, TaskScore
+if TYPE_CHECKING:
+    from prunelab.evaluate import Evaluation
+    from prunelab.evaluate.tasks import TaskScore
 
 _REPORTED_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+# Spelled out rather than imported so `prunelab --help` starts without torch and
+# lm-eval; options left unset take EvaluationSpec's defaults, which validates them.
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,35 +24,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="artifact://<digest>, a registered name, a checkpoint dir or .gguf")
     parser.add_argument("--ppl", type=_names, default=(), metavar="CORPORA", help="comma-separated: wikitext2,ptb or stored text datasets")
     parser.add_argument("--split", default="validation", help="perplexity split (default: validation)")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"perplexity window (default: {DEFAULT_SEQ_LEN})")
+    parser.add_argument("--seq-len", type=int, help="perplexity window (default: 128)")
     parser.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (default: all)")
     parser.add_argument("--tasks", type=_names, default=(), metavar="TASKS", help="comma-separated lm-eval task names")
     parser.add_argument("--limit", type=int, help="the first N documents of each task (default: all)")
-    parser.add_argument("--num-fewshot", type=int, default=0, help="default: 0 (zero-shot)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default: {DEFAULT_BATCH_SIZE}")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"lm-eval seeds (default: {DEFAULT_SEED})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--num-fewshot", type=int, help="default: 0 (zero-shot)")
+    parser.add_argument("--batch-size", type=int, help="default: 8")
+    parser.add_argument("--seed", type=int, help="lm-eval seeds (default: 1234)")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: float32")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from prunelab.cli.progress import job_progress
+    from prunelab.evaluate import EvaluationSpec, run_evaluation
+
+    defaulted = ("seq_len", "batch_size", "num_fewshot", "seed", "dtype")
     spec = EvaluationSpec(
         model=args.model,
         tasks=args.tasks,
         ppl_corpora=args.ppl,
         ppl_split=args.split,
-        seq_len=args.seq_len,
         max_windows=args.max_windows,
-        batch_size=args.batch_size,
         limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        seed=args.seed,
-        dtype=args.dtype,
         device=args.device,
+        **{name: getattr(args, name) for name in defaulted if getattr(args, name) is not None},
     )
-    evaluation = run_evaluation(spec, report=_print_progress)
+    with job_progress("evaluate", plain=args.json) as show:
+        evaluation = run_evaluation(spec, report=lambda update: show(update.fraction, update.message))
     print(json.dumps(summary(evaluation), indent=2) if args.json else _tables(evaluation))
     return 0
 
@@ -88,10 +90,6 @@ def _tables(evaluation: Evaluation) -> str:
 def _plus_minus(score: TaskScore, name: str) -> str:
     stderr = score.metric(f"{name}_stderr")
     return f"{score.metric(name):.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
-
-
-def _print_progress(update: ProgressUpdate) -> None:
-    print(f"[{update.fraction:4.0%}] {update.message}", file=sys.stderr, flush=True)
 
 
 def _names(value: str) -> tuple[str, ...]:

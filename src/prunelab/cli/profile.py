@@ -7,11 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prunelab.profile import ModelProfile, ProfileOptions, ProfileReport, profile_models, render_markdown, report_rows
-
-DEFAULTS = ProfileOptions()
+if TYPE_CHECKING:
+    from prunelab.profile import ModelProfile, ProfileOptions, ProfileReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,38 +22,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_profile)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ProfileOptions fields with a flag; a flag left unset takes the dataclass's default
+# (spelled out in the help, not imported: importing prunelab.profile loads torch, and
+# `prunelab --help` must not). dest -> (type, help).
+_OPTION_FLAGS: dict[str, tuple[Any, str]] = {
+    "seq_len": (int, "prompt length, also for MACs and memory (default 64)"),
+    "batch_sizes": (_int_list, "comma-separated (default 1,8)"),
+    "gen_tokens": (int, "decode steps per run (default 32)"),
+    "repeats": (int, "timed rounds per batch size (default 5)"),
+    "warmup": (int, "untimed rounds first (default 1)"),
+    "device": (str, "cpu, cuda or cuda:N (default cpu)"),
+    "dtype": (str, "float32, bfloat16 or float16 (default float32)"),
+    "threads": (int, "torch threads while timing (default: torch's)"),
+}
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The ProfileOptions flags, shared with bench/profile.py."""
-    parser.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="prompt length, also for MACs and memory (default %(default)s)")
-    parser.add_argument(
-        "--batch-sizes", type=_int_list, default=DEFAULTS.batch_sizes, help="comma-separated (default 1,8)"
-    )
-    parser.add_argument("--gen-tokens", type=int, default=DEFAULTS.gen_tokens, help="decode steps per run (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=DEFAULTS.repeats, help="timed rounds per batch size (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="untimed rounds first (default %(default)s)")
-    parser.add_argument("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N (default %(default)s)")
-    parser.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, bfloat16 or float16 (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=DEFAULTS.threads, help="torch threads while timing (default: torch's)")
+    for dest, (kind, text) in _OPTION_FLAGS.items():
+        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
     parser.add_argument("--skip-memory", action="store_true", help="skip peak memory (a child process per model)")
 
 
 def options_from(args: argparse.Namespace) -> ProfileOptions:
-    return ProfileOptions(
-        seq_len=args.seq_len,
-        batch_sizes=args.batch_sizes,
-        gen_tokens=args.gen_tokens,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        measure_memory=not args.skip_memory,
-    )
+    from prunelab.profile import ProfileOptions
+
+    given = {dest: getattr(args, dest) for dest in _OPTION_FLAGS if getattr(args, dest) is not None}
+    return ProfileOptions(**given, measure_memory=not args.skip_memory)
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from prunelab.cli.progress import job_progress
+    from prunelab.profile import ProfileReport, render_markdown, report_rows, run_profile
+
     options = options_from(args)
-    report = profile_models([args.model], baseline=args.baseline, options=options)
+    with job_progress("profile", plain=args.json) as show:
+        for event in run_profile([args.model], baseline=args.baseline, options=options):
+            if isinstance(event, ProfileReport):
+                report = event
+            else:
+                show(event.fraction, f"{event.phase}: {event.message}")
     if args.json:
         print(json.dumps(summary(report), indent=2))
     else:
@@ -95,10 +109,3 @@ def _model_summary(profile: ModelProfile) -> dict[str, Any]:
             for latency in profile.latency
         },
     }
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

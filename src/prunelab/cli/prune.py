@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 # Choices are spelled out here rather than imported so `prunelab --help` starts
@@ -40,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from prunelab.cli.progress import job_progress
     from prunelab.config import settings
     from prunelab.prune import PruneSettings, run_prune
 
@@ -49,11 +49,12 @@ def _prune(args: argparse.Namespace) -> int:
         mlp_layers=args.mlp_layers, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
         seed=args.seed, correction=args.correction,
     )
-    progress = _quiet if args.json else _print_progress
-    outcome = run_prune(
-        args.model, prune_settings, device=args.device or settings().torch_device(),
-        calibration_split=args.calibration_split, out_dir=args.out, progress=progress,
-    )
+    with job_progress("prune", silent=args.json) as show:
+        outcome = run_prune(
+            args.model, prune_settings, device=args.device or settings().torch_device(),
+            calibration_split=args.calibration_split, out_dir=args.out,
+            progress=lambda phase, fraction, message: show(fraction, f"{phase}: {message}"),
+        )
     if args.json:
         print(json.dumps(outcome.as_dict()))
     else:
@@ -62,11 +63,3 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"peak memory {outcome.peak_memory_bytes / 2**30:.2f} GiB ({outcome.memory_kind}), {outcome.wall_seconds:.1f} s")
         print(f"artifact {outcome.artifact.uri}" + (f"\ncheckpoint {outcome.checkpoint_dir}" if outcome.checkpoint_dir else ""))
     return 0
-
-
-def _quiet(_phase: str, _fraction: float, _message: str) -> None:
-    pass
-
-
-def _print_progress(phase: str, fraction: float, message: str) -> None:
-    print(f"[{fraction:4.0%}] {phase}: {message}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 `run STUDY.yaml` runs a study in this process (the embedded mode: every service's
 servicer in-process, the local store, the database at PRUNELAB_ORCHESTRATOR_DB),
-printing a line per job event, and ends with where the report is. Running the same
+showing a live table of its jobs on a terminal (a line per job event otherwise, or
+with --plain), and ends with where the report is. Running the same
 file again resumes it (finished jobs are kept). With `--orchestrator HOST:PORT` it
 submits the study to a deployment instead and follows it there.
 
@@ -30,8 +31,6 @@ from prunelab.v1 import orchestrator_pb2
 
 EXIT_OK, EXIT_FAILED = 0, 1
 PROGRESS_EVERY_S = 15.0  # a running job's progress line at most this often
-_FINAL = ("done", "failed", "cancelled")
-_CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="embedded mode: jobs at once (default 1; jobs in one process share its cores)")
     run.add_argument("--out", type=Path, help="also copy the report's files into this folder")
     run.add_argument("--detach", action="store_true", help="with --orchestrator: submit, print the study id, and return")
+    _plain_option(run)
     run.set_defaults(handler=_run)
 
     status = subparsers.add_parser("status", help="list studies, or show one study's jobs")
@@ -52,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     watch = subparsers.add_parser("watch", help="follow a study's jobs live until it finishes")
     watch.add_argument("study_id")
     _orchestrator_option(watch)
+    _plain_option(watch)
     watch.set_defaults(handler=_watch)
 
     report = subparsers.add_parser("report", help="print a finished study's report (Markdown) and where it is")
@@ -71,6 +72,11 @@ def _orchestrator_option(parser: argparse.ArgumentParser) -> None:
                         help="a deployment's orchestrator (gRPC target); default: this machine's database")
 
 
+def _plain_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plain", action="store_true",
+                        help="a line per job event even on a terminal (the default when stdout is not one)")
+
+
 # ---- commands
 
 
@@ -87,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             if args.detach:
                 return EXIT_OK
             try:
-                return _follow(client, response.study.id, args.out)
+                return _follow(client, response.study.id, args.out, args.plain)
             except KeyboardInterrupt:
                 print(f"stopped watching; the study goes on: prunelab watch {response.study.id} --orchestrator {args.orchestrator}")
                 raise
@@ -107,7 +113,7 @@ def _run_embedded(submit: orchestrator_pb2.SubmitStudyRequest, args: argparse.Na
             response = _call(client.SubmitStudy, submit)
             _print_submitted(response)
             try:
-                return _follow(client, response.study.id, args.out)
+                return _follow(client, response.study.id, args.out, args.plain)
             except KeyboardInterrupt:
                 print(f"interrupted; finished jobs are kept. Resume with: prunelab run {submit.source}")
                 raise
@@ -143,13 +149,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    redraw = sys.stdout.isatty()
     with _client(args.orchestrator) as client:
-        if not redraw:
-            return _follow(client, args.study_id, None)
-        for study in _call(client.WatchStudy, orchestrator_pb2.WatchStudyRequest(study_id=args.study_id)):
-            print(_CLEAR_SCREEN + _job_table(study), flush=True)
-    return EXIT_OK if study.state == "done" else EXIT_FAILED
+        return _follow(client, args.study_id, None, args.plain)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -172,12 +173,13 @@ def _cancel(args: argparse.Namespace) -> int:
 # ---- following a study
 
 
-def _follow(client: Any, study_id: str, out: Path | None) -> int:
-    """Print a line per job event until the study finishes, then where its report is."""
-    printer = _EventPrinter()
+def _follow(client: Any, study_id: str, out: Path | None, plain: bool) -> int:
+    """Show the study's jobs until it finishes (a live table on a terminal, else a line
+    per job event), then where its report is."""
     study = None
-    for study in _call(client.WatchStudy, orchestrator_pb2.WatchStudyRequest(study_id=study_id)):
-        printer.update(study)
+    with _study_view(plain) as view:
+        for study in _call(client.WatchStudy, orchestrator_pb2.WatchStudyRequest(study_id=study_id)):
+            view.update(study)
     print(f"study {study.id}: {study.state}" + (f" ({study.error})" if study.error else ""))
     if study.HasField("report"):
         report = _call(client.GetReport, orchestrator_pb2.GetReportRequest(study_id=study_id))
@@ -185,6 +187,13 @@ def _follow(client: Any, study_id: str, out: Path | None) -> int:
         if out:
             print(f"copied to {_save_files(report, out)}")
     return EXIT_OK if study.state == "done" else EXIT_FAILED
+
+
+def _study_view(plain: bool) -> contextlib.AbstractContextManager[Any]:
+    from prunelab.cli.progress import StudyView, live_console
+
+    console = None if plain else live_console()
+    return contextlib.nullcontext(_EventPrinter()) if console is None else StudyView(console)
 
 
 class _EventPrinter:
