@@ -488,6 +488,8 @@ def test_every_pod_runs_as_non_root_and_locked_down(variant):
     for name, deployment in of_kind(variant, "Deployment").items():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsUser"] == IMAGE_UID, name
+        # no recursive chown of the shared cache at every start
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", name
         assert pod["serviceAccountName"] == "prunelab"
         # the read-only root needs writable scratch space where the libraries write
         mounts = {m["mountPath"] for m in the_container(deployment)["volumeMounts"]}
