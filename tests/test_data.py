@@ -14,12 +14,13 @@ from prunelab.config import settings
 from prunelab.data import (
     fallback_text,
     get_dataset,
+    hub,
     import_dataset,
     list_datasets,
     load_records,
     resolve_text,
 )
-from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound
 from prunelab.store import open_store
 
 ALPACA = [
@@ -194,23 +195,58 @@ def test_missing_split_of_a_stored_dataset_says_which_import_fixes_it(corpus):
 def test_reading_a_dataset_the_wrong_way_is_refused(tmp_path, corpus):
     import_dataset("tiny", corpus)
     import_dataset("task", write_jsonl(tmp_path / "validation.jsonl", [{"a": 1}]))
-    with pytest.raises(InvalidArgument, match="is text; read it with resolve_text"):
+    import_dataset("instructions", write_jsonl(tmp_path / "train.jsonl", ALPACA))
+    with pytest.raises(InvalidArgument, match="'tiny' is a text corpus, not records"):
         load_records("tiny", "validation")
-    with pytest.raises(InvalidArgument, match="is jsonl; read it with load_records"):
+    with pytest.raises(InvalidArgument, match=r"no string a 'text' or 'sentence' column in every row \(columns: a\)"):
         resolve_text("task")
+    with pytest.raises(InvalidArgument, match="'instructions' is an instruction set"):
+        resolve_text("instructions", "train")
 
 
-def test_online_with_the_hub_unreachable(monkeypatch, caplog):
-    # Online as far as prunelab knows; the hub client itself cannot connect.
-    monkeypatch.setenv("PRUNELAB_OFFLINE", "false")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    settings.cache_clear()
+def test_records_with_a_text_column_read_as_a_corpus(tmp_path):
+    import_dataset("lambada-like", write_jsonl(tmp_path / "validation.jsonl", [{"text": "one\n"}, {"text": "two"}]))
+    assert get_dataset("lambada-like").format == "jsonl"  # kept as records, for lm-eval
+    assert resolve_text("lambada-like") == "one\ntwo\n"  # and readable as text, one row per line
 
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Online as far as every setting says, with the hub at an address that refuses connections."""
+    import socket
+
+    with socket.socket() as reserved:  # bound, never listening: connecting is refused
+        reserved.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{reserved.getsockname()[1]}")
+        monkeypatch.setenv("PRUNELAB_OFFLINE", "false")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+        settings.cache_clear()
+        hub._probes.clear()
+        yield
+    hub._probes.clear()
+
+
+def test_online_with_the_hub_unreachable_uses_local_data_then_the_fallback(unreachable_hub, caplog):
+    assert "refused" in (hub.unreachable_reason() or "").lower()
     with caplog.at_level(logging.WARNING):
         assert resolve_text("ptb", "test") == fallback_text("test")
-    assert "cannot load 'ptb-text-only/ptb_text_only'" in caplog.text
-    with pytest.raises(Unavailable, match="cannot load 'no-such/dataset' split 'train' from the hub"):
+    assert "Using the embedded fallback corpus" in caplog.text and "refused" in caplog.text.lower()
+    with pytest.raises(FailedPrecondition, match=r"hub cannot be used \(hub not reachable: 127.0.0.1:\d+: Connection refused\)"):
         load_records("no-such/dataset", "train")
+
+
+def test_a_bug_on_the_hub_path_propagates_instead_of_falling_back(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: None)  # the hub "answers"
+
+    def broken_client(*args, **kwargs):
+        raise TypeError("a bug in the hub path")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken_client)
+    with pytest.raises(TypeError, match="a bug in the hub path"):
+        resolve_text("wikitext2")
 
 
 def test_get_dataset_of_unknown_name_is_not_found():

@@ -36,6 +36,16 @@ def _int(name: str, default: int) -> int:
         raise InvalidArgument(f"{name}={raw!r} is not an integer", field=name) from None
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidArgument(f"{name}={raw!r} is not a number", field=name) from None
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint: str  # host:port, no scheme
@@ -52,6 +62,7 @@ class Settings:
     s3: S3Settings
     cache_dir: Path  # verified local copies of artifacts and converted models
     offline: bool  # never reach a model or dataset hub
+    hub_timeout_s: float  # the hub reachability probe's connect timeout
     log_level: str
     log_format: str  # "text" or "json"
     grpc_port: int
@@ -100,6 +111,7 @@ class Settings:
             ),
             cache_dir=Path(os.environ.get("PRUNELAB_CACHE", str(home / "cache"))).expanduser().resolve(),
             offline=_bool("PRUNELAB_OFFLINE", _bool("HF_HUB_OFFLINE", False)),
+            hub_timeout_s=_float("PRUNELAB_HUB_TIMEOUT_S", 3.0),
             log_level=os.environ.get("PRUNELAB_LOG_LEVEL", "INFO").upper(),
             log_format=log_format,
             grpc_port=_int("PRUNELAB_GRPC_PORT", 50051),

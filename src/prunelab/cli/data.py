@@ -18,7 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     importer.add_argument("name", help="dataset name, e.g. wikitext2 or my-org/instructions")
     importer.add_argument("path", type=Path, help="a file (one split) or a folder of <split> files")
     importer.add_argument("--split", help="the split a single file holds (default: from its name, e.g. valid.txt)")
-    importer.add_argument("--format", choices=sorted(FORMATS), help="default: detected from the file")
+    importer.add_argument(
+        "--format", choices=sorted(FORMATS),
+        help="default: detected from the file; always text for the built-in corpora (wikitext2, ptb)",
+    )
+    importer.add_argument(
+        "--column", help="store records (.jsonl/.json/.parquet) as a text corpus from this column "
+        "(default for text: 'text', else 'sentence')",
+    )
     importer.add_argument("--orchestrator", metavar="HOST:PORT", help="into a deployment's store: upload through its orchestrator")
     importer.set_defaults(handler=_import)
 
@@ -30,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _import(args: argparse.Namespace) -> int:
     if args.orchestrator:
         return _import_remote(args)
-    dataset = import_dataset(args.name, args.path, split=args.split, kind=args.format)
+    dataset = import_dataset(args.name, args.path, split=args.split, kind=args.format, column=args.column)
     splits = ", ".join(f"{s} ({info.rows} rows, {info.words} words)" for s, info in sorted(dataset.splits.items()))
     print(f"{dataset.name}: {dataset.format}, {splits} -> {dataset.uri}")
     return 0

@@ -1,9 +1,9 @@
 """Built-in text corpora (`wikitext2`, `ptb`) and the embedded fallback text.
 
-A built-in name resolves, in order: the store (`datasets/<name>`), the folder
-`$PRUNELAB_DATA_DIR/<name>/` (e.g. PRUNELAB_DATA_DIR=../shared/data on developer
-machines), the Hugging Face hub when online, and finally the embedded fallback
-corpus, with a warning that the text is not the corpus asked for.
+A built-in name resolves like any corpus (registry.resolve_text: the store,
+`$PRUNELAB_DATA_DIR/<name>/`, the Hugging Face hub when it answers) and finally
+falls back to the embedded corpus, with a warning that the text is not the
+corpus asked for; the report marks every number measured on it.
 
 The fallback has to be real English that every fresh, offline machine already
 has. No package we depend on ships a prose corpus (nltk's corpora, lm-eval's task
@@ -33,8 +33,7 @@ FALLBACK_SOURCE = "CPython pydoc_data.topics (Python Language Reference prose, P
 class HubSource:
     path: str  # dataset id on the hub
     config: str | None
-    text_field: str
-    joiner: str  # how rows join into one text (the convention papers measure with)
+    text_field: str  # each row's text becomes one line, as in the original files
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,12 @@ BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
         BuiltinCorpus(
             "wikitext2",
             "WikiText-2 (Merity et al. 2016), CC BY-SA 3.0",
-            HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "text", "\n\n"),
+            HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "text"),
         ),
         BuiltinCorpus(
             "ptb",
             "Penn Treebank, Mikolov's preprocessing (LDC, research use)",
-            HubSource("ptb-text-only/ptb_text_only", "penn_treebank", "sentence", " "),
+            HubSource("ptb-text-only/ptb_text_only", "penn_treebank", "sentence"),
         ),
     )
 }

@@ -7,8 +7,10 @@ function, no branch elsewhere.
 - text:   UTF-8 text (a corpus); rows are its non-empty lines.
 - jsonl:  one JSON object per line (lm-eval task data in its HF schema).
 - alpaca: instruction sets, records {"instruction", "input" (optional), "output"}.
-Record formats also read a JSON array of objects (alpaca_data.json); they are
-stored as JSONL either way.
+Record formats also read a JSON array of objects (alpaca_data.json) and Parquet
+(the hub's export format); they are stored as JSONL either way. Records with a
+text column (`text`, WikiText's; `sentence`, PTB's; or one named) also read as a
+text corpus, one row per line (`records_text`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ SPLIT_ALIASES = {
     "test": ("test",),
 }
 _SPLIT_NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+# The columns that hold a corpus's text in the hub's schemas, in order of preference.
+TEXT_COLUMNS = ("text", "sentence")
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ def get_format(name: str) -> DataFormat:
         raise InvalidArgument(f"unknown dataset format {name!r}; use one of {', '.join(FORMATS)}", field="format") from None
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -68,13 +73,16 @@ def _read_text(path: Path) -> str:
 
 @data_format("text", ".txt")
 def _text_rows(path: Path) -> list[str]:
-    return [line for line in _read_text(path).splitlines() if line.strip()]
+    return [line for line in read_text(path).splitlines() if line.strip()]
 
 
 @data_format("jsonl", ".jsonl")
 def read_records(path: Path) -> list[dict]:
-    """JSON objects, one per line, or a JSON array of objects (a .json file)."""
-    text = _read_text(path)
+    """JSON objects, one per line, a JSON array of objects (a .json file), or a
+    Parquet file's rows."""
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
+    text = read_text(path)
     if text.lstrip().startswith("["):
         rows = _json_array(path, text)
         bad = next((i for i, row in enumerate(rows, start=1) if not isinstance(row, dict)), None)
@@ -117,6 +125,36 @@ def alpaca_problem(row: Any) -> str | None:
     return None
 
 
+def _parquet_rows(path: Path) -> list[dict]:
+    import pyarrow  # a dependency of `datasets`; imported here, not at CLI start-up
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowException as err:
+        raise InvalidArgument(f"{path} is not a Parquet file: {err}", field="path") from None
+
+
+def text_column(rows: list[dict], column: str | None = None) -> str:
+    """The column of `rows` that holds their text: `column`, else the first of
+    TEXT_COLUMNS every row has as a string. InvalidArgument naming the columns if none."""
+    candidates = (column,) if column else TEXT_COLUMNS
+    for name in candidates:
+        if rows and all(isinstance(row.get(name), str) for row in rows):
+            return name
+    found = sorted(rows[0]) if rows else []
+    wanted = f"column {column!r}" if column else f"a {' or '.join(repr(c) for c in TEXT_COLUMNS)} column"
+    raise InvalidArgument(f"the records have no string {wanted} in every row (columns: {', '.join(found) or 'none'})", field="column")
+
+
+def records_text(rows: list[dict], column: str | None = None) -> str:
+    """The text of a corpus given as rows: each row's text on its own line(s), in order,
+    as the rows of the hub's WikiText-2 / PTB are the lines of the original files. So a
+    corpus reads the same from Hugging Face rows as from its plain-text file."""
+    name = text_column(rows, column)
+    return "".join(row[name].removesuffix("\n") + "\n" for row in rows)
+
+
 def _json_array(path: Path, text: str) -> list[Any]:
     try:
         rows = json.loads(text)
@@ -128,8 +166,8 @@ def _json_array(path: Path, text: str) -> list[Any]:
 
 
 def detect_format(path: Path) -> str:
-    """text unless the file is JSON(L); alpaca if its records are all alpaca records."""
-    if path.suffix not in (".jsonl", ".json"):
+    """text unless the file is JSON(L) or Parquet; alpaca if its records are all alpaca records."""
+    if path.suffix not in RECORD_SUFFIXES:
         return "text"
     rows = read_records(path)
     return "alpaca" if rows and all(alpaca_problem(row) is None for row in rows) else "jsonl"
@@ -163,8 +201,9 @@ def canonical_split(name: str) -> str:
 
 
 def split_of_file(path: Path) -> str | None:
-    """The split a file's name says it holds (`ptb.valid.txt` -> validation), if any."""
-    parts = path.name.lower().split(".")
+    """The split a file's name says it holds (`ptb.valid.txt`, the hub's
+    `validation-00000-of-00001.parquet` -> validation), if any."""
+    parts = re.split(r"[.\-]", path.name.lower())
     matches = {canonical for canonical, aliases in SPLIT_ALIASES.items() if any(p in aliases for p in parts)}
     return matches.pop() if len(matches) == 1 else None
 

@@ -18,15 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.config import settings
-from prunelab.data.corpora import BUILTIN_CORPORA, FALLBACK_SOURCE, HubSource, fallback_text
+from prunelab.data import hub
+from prunelab.data.corpora import BUILTIN_CORPORA, FALLBACK_SOURCE, fallback_text
 from prunelab.data.formats import (
+    RECORD_SUFFIXES,
     canonical_split,
     count_words,
     detect_format,
     get_format,
     read_records,
+    read_text,
+    records_text,
     split_files,
     split_of_file,
+    text_column,
 )
 from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prunelab.store import ArtifactStore, open_store, parse_artifact_uri
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REF_PREFIX = "datasets/"
 DATA_DIR_ENV = "PRUNELAB_DATA_DIR"  # folder of <name>/<split files>, e.g. ../shared/data
+TASKS_SUBDIR = "tasks"  # $PRUNELAB_DATA_DIR/tasks/<task>/<split>.jsonl: lm-eval task data
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class SplitInfo:
     size: int  # bytes
     rows: int  # non-empty lines (text) or records (jsonl, alpaca)
     words: int
+    source: str = ""  # how the stored file was made from the imported one, when not a byte copy
 
 
 @dataclass(frozen=True)
@@ -70,20 +77,29 @@ def import_dataset(
     split: str | None = None,
     kind: str | None = None,
     store: ArtifactStore | None = None,
+    column: str | None = None,
 ) -> DatasetRef:
     """Store file or folder `path` as dataset `name` and point `datasets/<name>` at it.
 
-    `kind` is the format (text, jsonl or alpaca; detected from the file if None).
-    `split` names the split a single file holds (else its file name must say, as in
-    valid.tokens); with a folder it picks that one split out of it.
+    `kind` is the stored format (text, jsonl or alpaca). By default it is detected
+    from the file, except that the built-in corpora (wikitext2, ptb) are always text.
+    Records (JSONL, JSON, Parquet: the hub's exports) stored as text become one row
+    per line, from `column` or the `text` / `sentence` column; records without one
+    are refused before anything is stored. `split` names the split a single file
+    holds (else its file name must say, as in valid.tokens); with a folder it picks
+    that one split out of it.
     """
     store = store or open_store()
     ref_name = _ref_name(name)
     sources = _split_sources(Path(path), split)
-    fmt = get_format(kind or detect_format(next(iter(sources.values()))))
+    first = next(iter(sources.values()))
+    wants_text = column is not None or name in BUILTIN_CORPORA
+    fmt = get_format(kind or ("text" if wants_text else detect_format(first)))
+    if column is not None and fmt.name != "text":
+        raise InvalidArgument(f"--column picks the text of a text corpus; format {fmt.name!r} keeps whole records", field="column")
     with tempfile.TemporaryDirectory(prefix="prunelab-dataset-") as staging_dir:
         staging = Path(staging_dir)
-        splits = {s: _stage_split(fmt.name, s, src, staging) for s, src in sources.items()}
+        splits = {s: _stage_split(fmt.name, s, src, staging, column) for s, src in sources.items()}
         if split is not None:
             splits = _keep_other_splits(name, fmt.name, splits, staging, store) | splits
         meta = {"format": fmt.name, "splits": {s: asdict(info) for s, info in sorted(splits.items())}}
@@ -105,40 +121,64 @@ def list_datasets(store: ArtifactStore | None = None) -> list[DatasetRef]:
 
 
 def resolve_text(name_or_path: str, split: str = "validation", store: ArtifactStore | None = None) -> str:
-    """The text of `split` of a text dataset, from (first that has it): the store, a
-    local file or folder, `$PRUNELAB_DATA_DIR/<name>/` for the built-in corpora, the
-    hub (only when online), and for built-ins the embedded fallback corpus."""
+    """The text of `split` of a corpus, one row per line, from the first that has it:
+    the store, a local file or folder, `$PRUNELAB_DATA_DIR/<name>/`, the hub (when
+    it answers; `hub.py`), and for the built-in corpora the embedded fallback text.
+
+    What the user put in place (an import, a folder) wins over the hub, so a run
+    reads the same text with or without a network. Records (jsonl, Parquet, the
+    hub's rows) read as their `text` / `sentence` column, one row per line."""
     split = canonical_split(split)
-    stored = _stored_split_file(name_or_path, split, store, want="text")
-    if stored is not None:
-        return stored.read_text(encoding="utf-8")
-    local = _local_split_file(Path(name_or_path), split)
+    local = (
+        _stored_split_file(name_or_path, split, store, want="text")
+        or _local_split_file(Path(name_or_path), split)
+        or _data_dir_split_file(name_or_path, split)
+    )
     if local is not None:
-        return local.read_text(encoding="utf-8")
+        return _file_text(local)
     corpus = BUILTIN_CORPORA.get(name_or_path)
-    if corpus is not None:
-        return _builtin_text(name_or_path, corpus.hub, split)
-    if settings().offline:
-        raise _not_available_offline(name_or_path, split)
-    rows = _hub_rows(name_or_path, None, split)
-    if rows and "text" not in rows[0]:
-        raise InvalidArgument(f"hub dataset {name_or_path!r} has no 'text' field (it has {sorted(rows[0])})", field="name")
-    return "\n".join(str(row["text"]) for row in rows)
+    hub_path, hub_config, column = (corpus.hub.path, corpus.hub.config, corpus.hub.text_field) if corpus else (name_or_path, None, None)
+    try:
+        return records_text(hub.dataset_rows(hub_path, hub_config, split), column)
+    except Unavailable as err:
+        if corpus is None:
+            raise _not_available(name_or_path, split, err.reason) from None
+        return _fallback(name_or_path, split, err.reason)
 
 
 def load_records(name: str, split: str, store: ArtifactStore | None = None) -> list[dict[str, Any]]:
     """The records of `split` of a jsonl or alpaca dataset: from the store, a local
-    file or folder, or (only when online) the hub."""
+    file or folder, `$PRUNELAB_DATA_DIR/<name>/`, or the hub when it answers."""
     split = canonical_split(split)
-    stored = _stored_split_file(name, split, store, want="records")
-    if stored is not None:
-        return read_records(stored)
-    local = _local_split_file(Path(name), split)
+    local = (
+        _stored_split_file(name, split, store, want="records")
+        or _local_split_file(Path(name), split)
+        or _data_dir_split_file(name, split)
+    )
     if local is not None:
         return read_records(local)
-    if settings().offline:
-        raise _not_available_offline(name, split)
-    return _hub_rows(name, None, split)
+    try:
+        return hub.dataset_rows(name, None, split)
+    except Unavailable as err:
+        raise _not_available(name, split, err.reason) from None
+
+
+def find_task_data(task: str, store: ArtifactStore | None = None) -> DatasetRef | None:
+    """The stored lm-eval data of `task`, imported first from `$PRUNELAB_DATA_DIR/tasks/<task>/`
+    when the store lacks it (content-addressed: every process that imports it gets the
+    same artifact); None if neither has it."""
+    store = store or open_store()
+    try:
+        return get_dataset(task, store)
+    except InvalidArgument:  # not even a valid dataset name
+        return None
+    except NotFound:
+        data_dir = settings().data_dir
+        folder = data_dir / TASKS_SUBDIR / task if data_dir else None
+        if folder is None or not folder.is_dir():
+            return None
+        log.info("task %s: importing its data from %s", task, folder)
+        return import_dataset(task, folder, kind="jsonl", store=store)
 
 
 # ---- importing ----
@@ -176,19 +216,28 @@ def _split_sources(path: Path, split: str | None) -> dict[str, Path]:
     return found
 
 
-def _stage_split(fmt: str, split: str, source: Path, staging: Path) -> SplitInfo:
+def _stage_split(fmt: str, split: str, source: Path, staging: Path, column: str | None) -> SplitInfo:
     """Validate `source` as `fmt` and write it to `staging/<split><ext>`: byte for
-    byte, except JSON arrays of records, which become JSONL."""
+    byte, except JSON arrays and Parquet, which become JSONL, and records stored as
+    text, which become their text column, one row per line."""
     data_format = get_format(fmt)
-    rows = data_format.read_rows(source)
-    if not rows:
-        raise InvalidArgument(f"{source} holds no {fmt} rows", field="path")
     target = staging / f"{split}{data_format.extension}"
-    if fmt != "text" and source.suffix == ".json":
-        target.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    how = ""
+    if fmt == "text" and source.suffix in RECORD_SUFFIXES:
+        records = read_records(source)
+        target.write_text(records_text(records, column), encoding="utf-8")
+        how = f"{source.name}: column {text_column(records, column)!r} of {len(records)} records, one row per line"
+        rows = data_format.read_rows(target)
     else:
-        shutil.copyfile(source, target)
-    return SplitInfo(target.name, sha256_file(target), target.stat().st_size, len(rows), count_words(rows))
+        rows = data_format.read_rows(source)
+        if fmt != "text" and source.suffix != ".jsonl":
+            target.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+            how = f"{source.name}: {len(rows)} records as JSON lines"
+        else:
+            shutil.copyfile(source, target)
+    if not rows:
+        raise InvalidArgument(f"{source.name} holds no {fmt} rows", field="path")
+    return SplitInfo(target.name, sha256_file(target), target.stat().st_size, len(rows), count_words(rows), how)
 
 
 def _keep_other_splits(
@@ -226,9 +275,10 @@ def _stored_split_file(name: str, split: str, store: ArtifactStore | None, want:
         dataset = get_dataset(name, store)
     except (NotFound, InvalidArgument):  # not imported, or not even a dataset name (a path)
         return None
-    if (want == "text") != (dataset.format == "text"):
-        use = "load_records" if want == "text" else "resolve_text"
-        raise InvalidArgument(f"dataset {name!r} is {dataset.format}; read it with {use}", field="name")
+    if want == "records" and dataset.format == "text":
+        raise InvalidArgument(f"dataset {name!r} is a text corpus, not records; read it with resolve_text", field="name")
+    if want == "text" and dataset.format == "alpaca":
+        raise InvalidArgument(f"dataset {name!r} is an instruction set (alpaca), not a text corpus", field="name")
     if split not in dataset.splits:
         raise FailedPrecondition(
             f"dataset {name!r} has no {split!r} split (it has {', '.join(sorted(dataset.splits))}); "
@@ -246,18 +296,21 @@ def _local_split_file(path: Path, split: str) -> Path | None:
     return None
 
 
-def _builtin_text(name: str, hub: HubSource, split: str) -> str:
+def _data_dir_split_file(name: str, split: str) -> Path | None:
     data_dir = settings().data_dir
-    if data_dir:
-        local = _local_split_file(data_dir / name, split)
-        if local is not None:
-            return local.read_text(encoding="utf-8")
-    reason = "offline"
-    if not settings().offline:
-        try:
-            return hub.joiner.join(str(row[hub.text_field]) for row in _hub_rows(hub.path, hub.config, split))
-        except Unavailable as err:
-            reason = err.reason
+    if data_dir is None or Path(name).is_absolute() or ".." in Path(name).parts:
+        return None
+    return _local_split_file(data_dir / name, split)
+
+
+def _file_text(path: Path) -> str:
+    """A corpus file's text, one row per line: text files as they are, records as their text column."""
+    if path.suffix in RECORD_SUFFIXES:
+        return records_text(read_records(path))
+    return read_text(path)
+
+
+def _fallback(name: str, split: str, reason: str) -> str:
     log.warning(
         "%s (%s): no stored copy, none in $%s, hub not used (%s). Using the embedded fallback corpus, "
         "%s, which is NOT %s: its perplexities are not comparable to published ones. "
@@ -267,18 +320,9 @@ def _builtin_text(name: str, hub: HubSource, split: str) -> str:
     return fallback_text(split)
 
 
-def _hub_rows(path: str, config: str | None, split: str) -> list[dict[str, Any]]:
-    import datasets
-
-    try:
-        return [dict(row) for row in datasets.load_dataset(path, config, split=split)]
-    except Exception as err:  # noqa: BLE001 - the hub client raises many types; all mean "not from the hub"
-        raise Unavailable(f"cannot load {path!r} split {split!r} from the hub: {type(err).__name__}: {err}") from None
-
-
-def _not_available_offline(name: str, split: str) -> FailedPrecondition:
+def _not_available(name: str, split: str, reason: str) -> FailedPrecondition:
     return FailedPrecondition(
-        f"dataset {name!r} is not in the store or on disk and PRUNELAB_OFFLINE is set; "
-        f"import it with: prunelab data import {name} PATH --split {split}",
+        f"dataset {name!r} ({split}) is not in the store, on disk or in ${DATA_DIR_ENV}, and the hub cannot be "
+        f"used ({reason}); import it with: prunelab data import {name} PATH --split {split}",
         field="name",
     )

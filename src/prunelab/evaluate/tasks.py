@@ -6,8 +6,10 @@ dataset (`prunelab data import boolq boolq-validation.jsonl --split validation`,
 records in the task's Hugging Face schema) is built by lm-eval's TaskManager from
 its own YAML, overridden the way an lm-eval group overrides a member task: the
 `json` builder with the stored files as `data_files`, and any split that was not
-imported set to None. Prompts, metrics and versions stay lm-eval's. Any other task
-reads lm-eval's own dataset from the hub, which offline mode refuses up front.
+imported set to None. Prompts, metrics and versions stay lm-eval's. Task data found
+in `$PRUNELAB_DATA_DIR/tasks/<task>/` is imported into the store on first use; any
+other task reads lm-eval's own dataset from the hub, refused up front when the hub
+cannot be reached (offline mode, no network).
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prunelab.config import settings
-from prunelab.data import DatasetRef, get_dataset
-from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prunelab.data import DatasetRef, find_task_data, hub
+from prunelab.errors import FailedPrecondition, InvalidArgument, Unavailable
 from prunelab.store import open_store
 
 if TYPE_CHECKING:  # lm-eval takes seconds to import; only the functions that run it do
@@ -195,15 +196,16 @@ def progress_lm(model: Any, tokenizer: Any, *, batch_size: int, report: RequestP
 
 def _prepare(manager: TaskManager, name: str, num_fewshot: int) -> PreparedTask:
     entry = manager.task_index[name]
-    stored = _stored_dataset(name)
+    stored = find_task_data(name)
     if stored is not None and entry.kind.name == "TASK":
         return _with_stored_data(manager, name, entry.cfg, stored, num_fewshot)
-    if settings().offline:
-        raise FailedPrecondition(_offline_message(name, entry, num_fewshot), field="tasks")
+    unreachable = hub.unreachable_reason()
+    if unreachable:
+        raise FailedPrecondition(_no_hub_message(name, entry, num_fewshot, unreachable), field="tasks")
     source = f"hub:{_hub_dataset(entry.cfg or {})}"
     try:
         loaded = manager.load([name])
-    except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "could not fetch"
+    except (OSError, TimeoutError) as err:  # network and missing-dataset errors; anything else is a bug
         raise Unavailable(f"lm-eval task {name!r}: {source} could not be loaded: {type(err).__name__}: {err}") from None
     built = [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
     return PreparedTask(name, built, list(loaded["tasks"]), TaskData(source))
@@ -237,13 +239,6 @@ def _with_stored_data(manager: TaskManager, name: str, config: dict[str, Any], s
     return PreparedTask(name, [task], [name], data)
 
 
-def _stored_dataset(name: str) -> DatasetRef | None:
-    try:
-        return get_dataset(name)
-    except (NotFound, InvalidArgument):  # never imported, or not even a valid dataset name
-        return None
-
-
 def _splits_read(config: dict[str, Any], num_fewshot: int) -> list[str]:
     """The splits lm-eval reads: the test split if the task has one, else validation
     (lm-eval's `eval_docs`), and the few-shot source when there are shots."""
@@ -261,19 +256,19 @@ def _hub_dataset(config: dict[str, Any]) -> str:
     return f"{path}/{subset}" if subset else str(path)
 
 
-def _offline_message(name: str, entry: Any, num_fewshot: int) -> str:
-    """Why an index entry (kind TASK, PY_TASK, GROUP or TAG) cannot be read offline, and the fix."""
+def _no_hub_message(name: str, entry: Any, num_fewshot: int, unreachable: str) -> str:
+    """Why an index entry (kind TASK, PY_TASK, GROUP or TAG) cannot be read without the hub, and the fix."""
     if entry.kind.name == "TASK":
         splits = _splits_read(entry.cfg, num_fewshot)
         imports = "; ".join(f"prunelab data import {name} PATH.jsonl --split {split}" for split in splits)
         return (
             f"lm-eval task {name!r} reads {' and '.join(splits)} of the Hugging Face dataset "
-            f"{_hub_dataset(entry.cfg)}, which is not stored and offline mode (PRUNELAB_OFFLINE) cannot "
-            f"download; import its records (JSONL in the dataset's schema) with: {imports}"
+            f"{_hub_dataset(entry.cfg)}, which is not stored, not in $PRUNELAB_DATA_DIR/tasks/{name}/, and the hub "
+            f"cannot be used ({unreachable}); import its records (JSONL in the dataset's schema) with: {imports}"
         )
     what = {"GROUP": "group", "TAG": "tag"}.get(entry.kind.name, "Python-defined task")
     return (
-        f"{name!r} is an lm-eval {what}, whose data cannot come from the store; offline, evaluate its "
+        f"{name!r} is an lm-eval {what}, whose data cannot come from the store; without the hub ({unreachable}), evaluate its "
         "tasks by name after importing each one's data with `prunelab data import TASK PATH.jsonl --split SPLIT`"
     )
 

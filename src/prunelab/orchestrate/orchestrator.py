@@ -35,8 +35,8 @@ import grpc
 from google.protobuf.message import Message
 
 from prunelab.config import settings
-from prunelab.data import get_dataset
-from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound
+from prunelab.data import find_task_data, hub
+from prunelab.errors import FailedPrecondition, InvalidArgument
 from prunelab.orchestrate.dispatch import (
     Dispatcher,
     JobCall,
@@ -337,23 +337,21 @@ class Orchestrator:
 
 
 def _tasks_without_data(study: Study) -> list[str]:
-    """The tasks to skip because their data is not in the store (unless the study lets evaluators use the hub)."""
+    """The tasks to skip: their data is neither stored nor in $PRUNELAB_DATA_DIR/tasks/
+    (imported into the store here, so every evaluator reads it) and the hub cannot be
+    reached from here; none when the study lets evaluators use the hub regardless."""
     if study.evaluation is None or study.evaluation.missing_task_data == "hub":
         return []
-    skipped = []
-    for task in study.evaluation.tasks:
-        try:
-            get_dataset(task)
-        except (NotFound, InvalidArgument):
-            skipped.append(task)
-    return skipped
+    missing = [task for task in study.evaluation.tasks if find_task_data(task) is None]
+    return missing if missing and hub.unreachable_reason() else []
 
 
 def _skipped_note(tasks: list[str]) -> list[str]:
     if not tasks:
         return []
     return [
-        f"tasks skipped, their data is not in the store: {', '.join(tasks)}. Import each (JSONL records in the task's "
+        f"tasks skipped, their data is not in the store or $PRUNELAB_DATA_DIR/tasks/ and the hub cannot be reached: "
+        f"{', '.join(tasks)}. Import each (JSONL records in the task's "
         "Hugging Face schema) with `prunelab data import TASK PATH.jsonl --split SPLIT`, SPLIT being the one lm-eval "
         "evaluates (`PRUNELAB_OFFLINE=true prunelab evaluate --model MODEL --tasks TASK` prints the exact commands), "
         "or set evaluation.missing_task_data: hub to let online evaluators download them"
