@@ -359,16 +359,18 @@ CRD_API_GROUPS = ("keda.sh/",)
 
 
 @cache
-def overlay_workspace() -> Path:
+def overlay_workspace() -> tempfile.TemporaryDirectory:
     """A deploy/k8s look-alike: the real base, components and overlays linked in,
-    and room for overlays written by the tests; kept until the process ends."""
-    root = Path(tempfile.mkdtemp(prefix="prunelab-k8s-")) / "k8s"
+    and room for overlays written by the tests. Cached, so it lives (and the
+    rendered manifests stay comparable) until the process ends, which removes it."""
+    workspace = tempfile.TemporaryDirectory(prefix="prunelab-k8s-")
+    root = Path(workspace.name) / "k8s"
     (root / "overlays").mkdir(parents=True)
     for part in ("base", "components"):
         (root / part).symlink_to(K8S / part)
     for overlay in (K8S / "overlays").iterdir():
         (root / "overlays" / overlay.name).symlink_to(overlay)
-    return root
+    return workspace
 
 
 def kustomize(path: Path) -> tuple[dict, ...]:
@@ -379,7 +381,7 @@ def kustomize(path: Path) -> tuple[dict, ...]:
 
 def render_overlay(name: str, kustomization: dict) -> tuple[dict, ...]:
     """Render `kustomization` as if it were deploy/k8s/overlays/<name>."""
-    folder = overlay_workspace() / "overlays" / name
+    folder = Path(overlay_workspace().name) / "k8s" / "overlays" / name
     folder.mkdir()
     (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return kustomize(folder)
