@@ -29,6 +29,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress_bar import ProgressBar
+from rich.table import Column
 from rich.text import Text
 
 if TYPE_CHECKING:
@@ -61,12 +62,19 @@ def job_progress(title: str, *, plain: bool = False, silent: bool = False, conso
         return
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[doing]}", markup=False),
-        console=console, speed_estimate_period=SPEED_WINDOW_S, refresh_per_second=4, **_redirects(),
+        _message_column("doing"),
+        console=console, speed_estimate_period=SPEED_WINDOW_S, refresh_per_second=4, expand=True, **_redirects(),
     )
     with progress, _logs_above_live_display():
         task = progress.add_task(title, total=1.0, doing="")
         yield lambda fraction, doing: progress.update(task, completed=fraction, doing=doing)
+
+
+def _message_column(field: str) -> TextColumn:
+    """The latest message, in whatever width the other columns leave, cut with an
+    ellipsis: a long one (an artifact URI) must not squeeze the bar and the times."""
+    return TextColumn(f"{{task.fields[{field}]}}", markup=False,
+                      table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
 
 
 def _ignore(_fraction: float, _doing: str) -> None:
@@ -85,8 +93,8 @@ class StudyView:
     def __init__(self, console: Console):
         self._progress = _StudyProgress(
             _StateColumn(), TextColumn("{task.description}", markup=False), _SteadyBarColumn(), TaskProgressColumn(),
-            _JobElapsedColumn(), _JobRemainingColumn(), TextColumn("{task.fields[detail]}", markup=False),
-            console=console, speed_estimate_period=SPEED_WINDOW_S, refresh_per_second=2, **_redirects(),
+            _JobElapsedColumn(), _JobRemainingColumn(), _message_column("detail"),
+            console=console, speed_estimate_period=SPEED_WINDOW_S, refresh_per_second=2, expand=True, **_redirects(),
         )
         self._tasks: dict[str, TaskID] = {}
         self._running = contextlib.ExitStack()
