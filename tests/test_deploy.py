@@ -815,6 +815,19 @@ def test_dockerfile_runs_everything_under_tini():
 # ---------------------------------------------------------------- documentation
 
 
+def test_deployment_files_point_at_documentation_that_exists():
+    """Comments in the deployment files send the reader to files and README sections
+    that exist (docs/deployment.md was folded into the README)."""
+    files = [REPO / ".env.example", REPO / "Dockerfile", *REPO.glob("compose*.yaml"), *(p for p in K8S.rglob("*") if p.is_file())]
+    headings = set(re.findall(r"^## (.+)$", (REPO / "README.md").read_text(), re.MULTILINE))
+    for path in files:
+        text = path.read_text()
+        for document in re.findall(r"[\w./-]+\.md\b", text):
+            assert (REPO / document).is_file(), f"{path.name} points at {document}, which does not exist"
+        for section in re.findall(r'README\.md, "([^"]+)"', text):
+            assert section in headings, f"{path.name} points at README section {section!r}, which does not exist"
+
+
 def test_every_setting_is_documented():
     """The README's configuration reference names every variable config.py reads and
     every one .env.example sets."""
