@@ -12,6 +12,8 @@ import sys
 import pytest
 
 from prunelab.cli import COMMAND_MODULES, DESCRIPTION, build_parser
+from prunelab.cli import data as data_cli
+from prunelab.data import FORMATS
 from prunelab.evaluate import EvaluationSpec
 from prunelab.profile import ProfileOptions
 from prunelab.prune import PruneSettings
@@ -69,3 +71,7 @@ def test_the_defaults_a_help_text_states_are_the_ones_that_apply(command, defaul
 
 def _spelled(value: object) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def test_the_format_choices_of_data_import_are_the_registered_formats():
+    assert data_cli.FORMAT_NAMES == tuple(sorted(FORMATS))

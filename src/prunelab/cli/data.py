@@ -6,8 +6,14 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from prunelab.data import FORMATS, DatasetRef, import_dataset, list_datasets
+if TYPE_CHECKING:
+    from prunelab.data import DatasetRef
+
+# prunelab.data's FORMATS, spelled out: importing it loads the S3 client (~0.3 s) and
+# `prunelab --help` must answer at once (tests/test_cli_help.py keeps the two equal).
+FORMAT_NAMES = ("alpaca", "jsonl", "text")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     importer.add_argument("path", type=Path, help="a file (one split) or a folder of <split> files")
     importer.add_argument("--split", help="the split a single file holds (default: from its name, e.g. valid.txt)")
     importer.add_argument(
-        "--format", choices=sorted(FORMATS),
+        "--format", choices=FORMAT_NAMES,
         help="default: detected from the file; always text for the built-in corpora (wikitext2, ptb)",
     )
     importer.add_argument(
@@ -37,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _import(args: argparse.Namespace) -> int:
     if args.orchestrator:
         return _import_remote(args)
+    from prunelab.data import import_dataset
+
     dataset = import_dataset(args.name, args.path, split=args.split, kind=args.format, column=args.column)
     splits = ", ".join(f"{s} ({info.rows} rows, {info.words} words)" for s, info in sorted(dataset.splits.items()))
     print(f"{dataset.name}: {dataset.format}, {splits} -> {dataset.uri}")
@@ -56,6 +64,8 @@ def _import_remote(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from prunelab.data import list_datasets
+
     datasets = list_datasets()
     if args.json:
         print(json.dumps([asdict(d) | {"size": d.size} for d in datasets], indent=2))
