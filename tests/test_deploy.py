@@ -179,8 +179,18 @@ def reserved_gpus(service: dict) -> list[str]:
     return [gpu for device in devices for gpu in device["device_ids"]]
 
 
-def test_compose_gives_each_worker_a_gpu_of_its_own():
-    services = compose_config("gpu")["services"]
+def without_gpu_choices(tmp_path: Path) -> Path:
+    """.env.example without the *_GPU lines, as a .env from before they existed."""
+    path = tmp_path / ".env"
+    path.write_text("".join(line for line in (REPO / ".env.example").read_text().splitlines(True) if "_GPU=" not in line))
+    return path
+
+
+@pytest.mark.parametrize("env_file", ["example", "without GPU choices"])
+def test_compose_gives_each_worker_a_gpu_of_its_own(env_file, tmp_path):
+    """One GPU each, from .env.example's values and from compose.yaml's defaults."""
+    path = REPO / ".env.example" if env_file == "example" else without_gpu_choices(tmp_path)
+    services = render_compose(COMPOSE_VARIANTS["gpu"], path)["services"]
     for name, service in services.items():
         if name in WORKERS:
             assert service["environment"]["PRUNELAB_DEVICE"] == "cuda"
