@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from test_deploy_local import cluster as local_cluster
+from test_metrics import scrape
 from test_orchestrate import ppl_only, tiny_study_text, write_text
 
 from prunelab.cli import main
@@ -102,7 +101,7 @@ def test_data_in_study_through_the_python_client_and_checkpoints_and_report_out(
     assert any(name.endswith(".safetensors") for name in _files(tmp_path / "out" / models[0].digest[:12] / "orchestrator"))
 
     # the orchestrator's metrics counted the jobs it ran
-    samples = _scrape(running_cluster.metrics)
+    samples = scrape(running_cluster.metrics)
     assert samples[("prunelab_job_duration_seconds_count", "prune")] == 2
     assert samples[("prunelab_job_duration_seconds_count", "evaluate")] == 3  # base and two pruned models
     assert samples[("prunelab_jobs_queued", "evaluate")] == samples[("prunelab_jobs_running", "evaluate")] == 0
@@ -112,9 +111,3 @@ def test_data_in_study_through_the_python_client_and_checkpoints_and_report_out(
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
-
-def _scrape(url: str) -> dict[tuple[str, str], float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {(sample.name, sample.labels.get("kind", "")): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples if "le" not in sample.labels}

@@ -26,9 +26,10 @@ orchestrator, study_yaml, text_dir = test_orchestrate.orchestrator, test_orchest
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def scrape(port: int) -> dict[tuple[str, str], float]:
-    """GET /metrics: {(sample name, kind label): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+def scrape(target: int | str) -> dict[tuple[str, str], float]:
+    """GET /metrics on a local port or at a URL: {(sample name, kind label): value}."""
+    url = target if isinstance(target, str) else f"http://127.0.0.1:{target}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
     return {(sample.name, sample.labels.get("kind", "")): sample.value
