@@ -111,10 +111,10 @@ def test_a_harmful_learning_rate_returns_the_input_weights_and_says_so(tiny_dir)
     assert outcome.best_step == 0 and outcome.stop == "early_stop"
     assert outcome.reason == "step 0: no evaluated step improved validation perplexity; stopped early after 3 without improvement"
     assert all(p.val_ppl > outcome.val_ppl_before for p in outcome.curve[1:])
-    tuned, original = weights(outcome.artifact.uri), weights(str(tiny_dir))
-    assert tuned.keys() == original.keys() and all(torch.equal(tuned[k], original[k]) for k in original)
     # measured again on the returned model, on the split that chose nothing: the input's exactly
     assert outcome.heldout_ppl_after == outcome.heldout_ppl_before
+    tuned, original = weights(outcome.artifact.uri), weights(str(tiny_dir))
+    assert tuned.keys() == original.keys() and all(torch.equal(tuned[k], original[k]) for k in original)
 
 
 def test_a_nan_stops_training_and_keeps_the_best_state(tiny_dir):
