@@ -122,7 +122,7 @@ def test_prunelab_run_takes_a_study_to_a_report_with_every_table(study_yaml, tex
     # no task data in the store: the task is skipped, and the report says how to add it
     assert cli_main(["run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"submitted study {study_id}: 11 jobs" in out and "tasks skipped, their data is not in the store: arc_easy" in out
+    assert f"submitted study {study_id}: 11 jobs" in out and "tasks skipped, their data is not in the store or $PRUNELAB_DATA_DIR/tasks/ and the hub cannot be reached: arc_easy" in out
     assert "done      prune taylor 20%" in out and f"study {study_id}: done" in out
     assert "prunelab data import TASK PATH.jsonl" in (settings().home / "reports" / study_id / "report.md").read_text()
 
@@ -139,7 +139,8 @@ def test_prunelab_run_takes_a_study_to_a_report_with_every_table(study_yaml, tex
     assert f"report: {folder}/report.md" in out
     markdown = (folder / "report.md").read_text()
     assert "tasks skipped" not in markdown
-    for title in ("Table 2 — the base model", "Table 3 — parameters removed", "Table 4 — quality", "LoRA tuning",
+    for title in ("Table 2 — the base model", "Table 3 — parameters removed", "Table 4 — quality",
+                  "Table 5 — zero-shot accuracy, acc", "Table 6 — zero-shot accuracy, acc_norm", "LoRA tuning",
                   "Table 7 — parameters, MACs, memory, latency", "Timing", "![ppl_vs_params.png]"):
         assert title in markdown, title
     for name in ("ppl_vs_params.png", "accuracy_vs_params.png", "tuning_curves.png"):
@@ -150,6 +151,11 @@ def test_prunelab_run_takes_a_study_to_a_report_with_every_table(study_yaml, tex
     assert list(quality) == ["base", "l2 20%", "taylor 20%", "taylor 20% +LoRA"]
     for row in quality.values():
         assert float(row[f"PPL {text_dir}@8"]) > 1 and 0 <= float(row["arc_easy acc"]) <= 1
+    for metric in ("acc", "acc_norm"):  # one task: the mean is its score, the mean's stderr the task's
+        table = list(csv.DictReader(open(folder / f"table{5 if metric == 'acc' else 6}_{metric}.csv")))
+        assert [row["Model"] for row in table] == ["base", "l2 20%", "taylor 20%", "taylor 20% +LoRA"]
+        assert all(row["Mean"] == row["arc_easy"] and 0 <= float(row["Mean ± (stderr)"]) < 0.5 for row in table), table
+    assert "Tasks: lm-eval 0.4" in markdown and "-shot, the first" in markdown and "one task's stderr is up to ±" in markdown
     params = list(csv.DictReader(open(folder / "table3_params.csv")))
     assert [abs(float(row["Got % (whole model)"]) - 20) < 0.5 for row in params] == [True, True]
     tuning = next(csv.DictReader(open(folder / "table_tuning.csv")))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from prunelab.store import open_store
 ARTIFACT_KIND = "report"
 REF_PREFIX = "reports/"
 MIB = 1024 * 1024
+# Accuracy tables: metric -> (table number, what it shows), as the seed study's Tables 5 and 6.
+ACCURACY_METRICS = {"acc": ("5", "acc"), "acc_norm": ("6", "acc_norm (acc where a task has none)")}
 
 
 @dataclass
@@ -63,6 +66,7 @@ def write_report(study: StudyRow, jobs: list[JobRow], folder: Path) -> dict[str,
         _quality_table("table2_base", "Table 2 — the base model", [m for m in models if m.role == "base"], ppl_keys, tasks),
         _params_table(models),
         *_quality_tables(models, ppl_keys, tasks),
+        *[_accuracy_table(models, tasks, metric) for metric in ACCURACY_METRICS if tasks],
         _tuning_table(models),
         _efficiency_table(models),
         _timing_table(models),
@@ -102,11 +106,33 @@ def _quality_tables(models: list[ModelResults], ppl_keys: list[tuple[str, int]],
     base = [m for m in models if m.role == "base"]
     schemes = list(dict.fromkeys(m.scheme for m in models if m.role != "base"))
     tables = []
-    for number, scheme in enumerate(schemes, start=4):
-        rows = sorted((m for m in models if m.scheme == scheme), key=lambda m: (m.facts["ratio"], m.facts["method"], m.role == "tuned"))
-        name = "table4_quality" if len(schemes) == 1 else f"table{number}_quality"
-        tables.append(_quality_table(name, f"Table {number} — quality, {scheme}", base + rows, ppl_keys, tasks))
+    for letter, scheme in zip("abcdefghijklmnopqrstuvwxyz", schemes, strict=False):
+        number = "4" if len(schemes) == 1 else f"4{letter}"
+        rows = sorted((m for m in models if m.scheme == scheme), key=_pruned_order)
+        tables.append(_quality_table(f"table{number}_quality", f"Table {number} — quality, {scheme}", base + rows, ppl_keys, tasks))
     return tables
+
+
+def _pruned_order(model: ModelResults) -> tuple:
+    return (model.facts["ratio"], model.facts["method"], model.role == "tuned")
+
+
+def _accuracy_table(models: list[ModelResults], tasks: list[str], metric: str) -> Table:
+    """The seed's Tables 5/6: every model's zero-shot score per task and their mean."""
+    number, title = ACCURACY_METRICS[metric]
+    table = Table(f"table{number}_{metric}", f"Table {number} — zero-shot accuracy, {title}",
+                  ["Model", "Ratio asked %", *tasks, "Mean", "Mean ± (stderr)"])
+    ordered = [m for m in models if m.role == "base"] + sorted((m for m in models if m.role != "base"), key=lambda m: (m.scheme, *_pruned_order(m)))
+    for model in ordered:
+        scores = [model.accuracy(task, metric) for task in tasks]
+        table.rows.append([model.label, _percent(model.facts.get("ratio")), *[None if s is None else s[0] for s in scores],
+                           model.average_accuracy(tasks, metric), model.average_stderr(tasks, metric)])
+    if metric == "acc_norm":
+        table.notes.append("acc_norm (length-normalised) where lm-eval defines it; BoolQ and WinoGrande have only acc, "
+                           "which stands in for it, as in LLM-Pruner's tables.")
+    table.notes.append("Shares of documents answered correctly (0-1). Mean: over the tasks; its stderr combines each "
+                       "task's bootstrap stderr from lm-eval, tasks taken as independent.")
+    return table
 
 
 def _quality_table(name: str, title: str, models: list[ModelResults], ppl_keys: list[tuple[str, int]], tasks: list[str]) -> Table:
@@ -267,10 +293,34 @@ def _notes(study: StudyRow, models: list[ModelResults], jobs: list[JobRow], task
         windows = f"the first {ppl['max_windows']} windows" if ppl["max_windows"] else "every window"
         notes.append(f"Perplexity: {ppl['split']} split, non-overlapping windows of seq_len tokens, {windows} (LLM-Pruner's protocol).")
     if tasks:
-        limit = f"the first {protocol['limit']} documents" if protocol["limit"] else "every document"
-        notes.append(f"Tasks: lm-eval, {protocol['num_fewshot']}-shot, {limit} of each task, acc.")
+        notes.append(_tasks_protocol(protocol, models, tasks))
+    model_note = _model_note(study.spec["model"])
+    if model_note:
+        notes.append(f"Model: {model_note}.")
     notes += [f"failed: {job.key}: {job.error}" for job in jobs if job.state == FAILED]
     return notes
+
+
+def _tasks_protocol(protocol: dict[str, Any], models: list[ModelResults], tasks: list[str]) -> str:
+    versions = sorted({model.lm_eval_version for model in models if model.lm_eval_version})
+    counts = sorted({score.n for model in models for score in model.tasks.values()})
+    limit = f"the first {protocol['limit']} documents of each task" if protocol["limit"] else "every document"
+    # The widest a binomial share's stderr gets, at p = 0.5, for the fewest documents scored.
+    widest = 100 * math.sqrt(0.25 / counts[0]) if counts and counts[0] else None
+    return (
+        f"Tasks: lm-eval {', '.join(versions) or '(version unknown)'}, {protocol['num_fewshot']}-shot, {limit} "
+        f"(n = {', '.join(map(str, counts))}), lm-eval's prompts and metrics unchanged; acc and acc_norm "
+        f"(Tables 5 and 6). Data: {', '.join(tasks)} as lm-eval evaluates them (each evaluation.json names the data source and sha256 of every split)."
+        + (f" With n = {counts[0]}, one task's stderr is up to ±{widest:.1f} points; differences smaller than "
+           "about twice the stderr are noise." if widest else "")
+    )
+
+
+def _model_note(model: str) -> str:
+    from prunelab.models.registry import registered_model  # imports torch: only when the report is written
+
+    entry = registered_model(model)
+    return entry.note if entry else ""
 
 
 def _ppl_keys(spec: dict[str, Any]) -> list[tuple[str, int]]:

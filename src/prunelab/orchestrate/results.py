@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class TaskAccuracy:
     acc: float | None
     acc_stderr: float | None
     acc_norm: float | None
+    acc_norm_stderr: float | None
     n: int
     num_fewshot: int
     task_version: str
@@ -81,10 +83,28 @@ class ModelResults:
         data = (self.tune or {}).get("report", {}).get("data", {})
         return bool(data) and data.get("data_sha256") == _fallback_sha256(data.get("data_split", ""))
 
-    def average_accuracy(self, tasks: list[str]) -> float | None:
-        """Mean acc over `tasks`; None unless each of them has one."""
-        values = [self.tasks[task].acc if task in self.tasks else None for task in tasks]
-        return None if not values or None in values else sum(values) / len(values)
+    def accuracy(self, task: str, metric: str) -> tuple[float, float | None] | None:
+        """(value, stderr) of `task` under `metric`: "acc", or "acc_norm", which falls back
+        to acc for tasks that have no length-normalised score (BoolQ, WinoGrande), as
+        LLM-Pruner's tables do. None if the task was not scored."""
+        score = self.tasks.get(task)
+        if score is None:
+            return None
+        if metric == "acc_norm" and score.acc_norm is not None:
+            return score.acc_norm, score.acc_norm_stderr
+        return (score.acc, score.acc_stderr) if score.acc is not None else None
+
+    def average_accuracy(self, tasks: list[str], metric: str = "acc") -> float | None:
+        """Mean `metric` over `tasks`; None unless each of them was scored."""
+        scores = [self.accuracy(task, metric) for task in tasks]
+        return None if not scores or None in scores else sum(value for value, _ in scores) / len(scores)
+
+    def average_stderr(self, tasks: list[str], metric: str = "acc") -> float | None:
+        """The standard error of `average_accuracy`, the tasks taken as independent samples."""
+        scores = [self.accuracy(task, metric) for task in tasks]
+        if not scores or None in scores or any(stderr is None for _, stderr in scores):
+            return None
+        return math.sqrt(sum(stderr * stderr for _, stderr in scores)) / len(scores)
 
 
 def collect(jobs: list[JobRow]) -> list[ModelResults]:
@@ -127,7 +147,7 @@ def _add_evaluation(model: ModelResults, result: dict[str, Any]) -> None:
     for item in result["tasks"]:
         model.tasks[item["task"]] = TaskAccuracy(
             task=item["task"], acc=item.get("acc"), acc_stderr=item.get("acc_stderr"), acc_norm=item.get("acc_norm"),
-            n=int(item["n"]), num_fewshot=int(item["num_fewshot"]), task_version=item["version"], evaluation_uri=uri,
+            acc_norm_stderr=item.get("acc_norm_stderr"), n=int(item["n"]), num_fewshot=int(item["num_fewshot"]), task_version=item["version"], evaluation_uri=uri,
         )
 
 
