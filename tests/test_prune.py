@@ -236,6 +236,7 @@ def smollm2_pruned_perplexity(shared_data, **settings) -> float:
     return perplexity(loaded.model, ids)
 
 
+@pytest.mark.slow  # minutes on 2 cores: prunes and evaluates the real model twice
 def test_taylor_beats_random_on_smollm2_at_20_percent(shared_data, torch_single_thread):
     """Real model, real text: calibration on PTB, perplexity on WikiText-2 (validation)."""
     torch.set_num_threads(2)
@@ -243,6 +244,7 @@ def test_taylor_beats_random_on_smollm2_at_20_percent(shared_data, torch_single_
     assert scores["taylor"] < scores["random"]
 
 
+@pytest.mark.slow  # minutes on 2 cores: prunes and evaluates the real model twice
 def test_correction_lowers_smollm2_perplexity_at_28_9_percent(shared_data, torch_single_thread):
     """The least-squares refit is what brings taylor under LLM-Pruner's perplexity at
     28.9 % removed; on real text it must lower perplexity clearly, not just a little."""
