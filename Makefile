@@ -29,7 +29,7 @@ $(STUBS): $(STAMP) $(PROTOS)
 	touch $@
 
 run: setup  ## the main job on the embedded default model
-	$(if $(wildcard ../shared/data),PRUNELAB_DATA_DIR=$${PRUNELAB_DATA_DIR:-$(abspath ../shared/data)}) PRUNELAB_OFFLINE=$${PRUNELAB_OFFLINE:-true} $(VENV)/bin/prunelab run examples/smollm2.yaml
+	$(if $(wildcard ../shared/data),PRUNELAB_DATA_DIR=$${PRUNELAB_DATA_DIR:-$(abspath ../shared/data)}) $(VENV)/bin/prunelab run examples/smollm2.yaml
 
 test: setup lint  ## ruff, then the default test run: unit, integration and the multi-process cluster (< 15 min on 2 cores)
 	$(PY) -m pytest -m "not slow"

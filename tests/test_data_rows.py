@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prunelab.config import settings
-from prunelab.data import find_task_data, get_dataset, import_dataset, list_datasets, resolve_text
+from prunelab.data import find_task_data, get_dataset, hub, import_dataset, list_datasets, resolve_text
 from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound
 from prunelab.evaluate.perplexity import corpus_text, perplexity
 from prunelab.prune.calibration import calibration_windows
@@ -113,3 +113,23 @@ def test_task_data_imports_from_the_data_dir_on_first_use(tmp_path, monkeypatch)
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_wikipassages_is_cut_from_boolq_test_passages_when_the_hub_answers(monkeypatch):
+    passages = [f"Title {i} -- Passage number {i}." for i in range(12)]
+    rows = [{"question": "q", "passage": p} for p in passages + passages[:3]]  # questions share passages
+    read = []
+
+    def hub_rows(path, config, split):  # stands in for the hub's answer
+        read.append((path, config, split))
+        return rows
+
+    monkeypatch.setattr(hub, "dataset_rows", hub_rows)
+    validation = resolve_text("wikipassages", "validation")
+    train = resolve_text("wikipassages", "train")
+
+    assert read == [("aps/super_glue", "boolq", "test")] * 2
+    assert validation == "Passage number 4.\nPassage number 9.\n"
+    assert len(train.splitlines()) == 10 and "Title" not in train and not set(train.splitlines()) & set(validation.splitlines())
+    with pytest.raises(InvalidArgument, match="splits train and validation, not 'test'"):
+        resolve_text("wikipassages", "test")

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     importer.add_argument("--split", help="the split a single file holds (default: from its name, e.g. valid.txt)")
     importer.add_argument(
         "--format", choices=FORMAT_NAMES,
-        help="default: detected from the file; always text for the built-in corpora (wikitext2, ptb)",
+        help="default: detected from the file; always text for the built-in corpora (wikitext2, ptb, wikipassages)",
     )
     importer.add_argument(
         "--column", help="store records (.jsonl/.json/.parquet) as a text corpus from this column "

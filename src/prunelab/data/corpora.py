@@ -1,4 +1,4 @@
-"""Built-in text corpora (`wikitext2`, `ptb`) and the embedded fallback text.
+"""Built-in text corpora (`wikitext2`, `ptb`, `wikipassages`) and the embedded fallback text.
 
 A built-in name resolves like any corpus (registry.resolve_text: the store,
 `$PRUNELAB_DATA_DIR/<name>/`, the Hugging Face hub when it answers) and finally
@@ -18,6 +18,7 @@ numbers; it exists so calibration and smoke runs work anywhere.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prunelab.errors import InvalidArgument
@@ -34,6 +35,26 @@ class HubSource:
     path: str  # dataset id on the hub
     config: str | None
     text_field: str  # each row's text becomes one line, as in the original files
+    # A corpus cut out of another dataset: the hub split it reads, and the function
+    # that turns those rows into the rows of the split asked for.
+    hub_split: str | None = None
+    derive: Callable[[list[dict], str], list[dict]] | None = None
+
+    def split_to_read(self, split: str) -> str:
+        return self.hub_split or split
+
+    def rows_of(self, rows: list[dict], split: str) -> list[dict]:
+        return self.derive(rows, split) if self.derive else rows
+
+
+def _wikipedia_passages(rows: list[dict], split: str) -> list[dict]:
+    """BoolQ's test passages as a raw-text corpus, as ../shared/data/wikipassages was made:
+    distinct passages in order, the "Title -- " prefix removed, every 5th one (the 5th,
+    10th, ...) validation and the rest train. Test-split passages: no harness scores them."""
+    if split not in ("train", "validation"):
+        raise InvalidArgument(f"wikipassages has splits train and validation, not {split!r}", field="split")
+    passages = list(dict.fromkeys(row["passage"].split(" -- ", 1)[-1] for row in rows))
+    return [{"passage": text} for i, text in enumerate(passages) if (i % 5 == 4) == (split == "validation")]
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,11 @@ BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
             "wikitext2",
             "WikiText-2 (Merity et al. 2016), CC BY-SA 3.0",
             HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "text"),
+        ),
+        BuiltinCorpus(
+            "wikipassages",
+            "raw English Wikipedia prose: the distinct passages of SuperGLUE BoolQ's test split (CC BY-SA 3.0)",
+            HubSource("aps/super_glue", "boolq", "passage", hub_split="test", derive=_wikipedia_passages),
         ),
         BuiltinCorpus(
             "ptb",

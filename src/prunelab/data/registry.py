@@ -19,7 +19,7 @@ from typing import Any
 
 from prunelab.config import settings
 from prunelab.data import hub
-from prunelab.data.corpora import BUILTIN_CORPORA, FALLBACK_SOURCE, fallback_text
+from prunelab.data.corpora import BUILTIN_CORPORA, FALLBACK_SOURCE, HubSource, fallback_text
 from prunelab.data.formats import (
     RECORD_SUFFIXES,
     canonical_split,
@@ -82,7 +82,7 @@ def import_dataset(
     """Store file or folder `path` as dataset `name` and point `datasets/<name>` at it.
 
     `kind` is the stored format (text, jsonl or alpaca). By default it is detected
-    from the file, except that the built-in corpora (wikitext2, ptb) are always text.
+    from the file, except that the built-in corpora (wikitext2, ptb, wikipassages) are always text.
     Records (JSONL, JSON, Parquet: the hub's exports) stored as text become one row
     per line, from `column` or the `text` / `sentence` column; records without one
     are refused before anything is stored. `split` names the split a single file
@@ -137,9 +137,10 @@ def resolve_text(name_or_path: str, split: str = "validation", store: ArtifactSt
     if local is not None:
         return _file_text(local)
     corpus = BUILTIN_CORPORA.get(name_or_path)
-    hub_path, hub_config, column = (corpus.hub.path, corpus.hub.config, corpus.hub.text_field) if corpus else (name_or_path, None, None)
+    source = corpus.hub if corpus else HubSource(name_or_path, None, "text")
     try:
-        return records_text(hub.dataset_rows(hub_path, hub_config, split), column)
+        rows = hub.dataset_rows(source.path, source.config, source.split_to_read(split))
+        return records_text(source.rows_of(rows, split), source.text_field if corpus else None)
     except Unavailable as err:
         if corpus is None:
             raise _not_available(name_or_path, split, err.reason) from None
