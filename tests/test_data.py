@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from prunelab.config import settings
 from prunelab.data import (
     fallback_text,
     get_dataset,
@@ -208,23 +207,6 @@ def test_records_with_a_text_column_read_as_a_corpus(tmp_path):
     import_dataset("lambada-like", write_jsonl(tmp_path / "validation.jsonl", [{"text": "one\n"}, {"text": "two"}]))
     assert get_dataset("lambada-like").format == "jsonl"  # kept as records, for lm-eval
     assert resolve_text("lambada-like") == "one\ntwo\n"  # and readable as text, one row per line
-
-
-@pytest.fixture
-def unreachable_hub(monkeypatch):
-    """Online as far as every setting says, with the hub at an address that refuses connections."""
-    import socket
-
-    with socket.socket() as reserved:  # bound, never listening: connecting is refused
-        reserved.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{reserved.getsockname()[1]}")
-        monkeypatch.setenv("PRUNELAB_OFFLINE", "false")
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-        settings.cache_clear()
-        hub._probes.clear()
-        yield
-    hub._probes.clear()
 
 
 def test_online_with_the_hub_unreachable_uses_local_data_then_the_fallback(unreachable_hub, caplog):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,15 @@ def test_a_directory_without_weights(tiny_model, tmp_path):
 
 def test_hub_id_not_cached_while_offline():
     assert settings().offline
-    with pytest.raises(FailedPrecondition, match="not in the local Hugging Face cache and offline mode is on"):
+    with pytest.raises(FailedPrecondition, match=r"not in the local Hugging Face cache and the hub cannot be used \(offline mode"):
         load_model("prunelab-tests/no-such-model")
+
+
+def test_hub_id_with_the_hub_unreachable_fails_fast_from_the_local_cache(unreachable_hub):
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition, match=r"the hub cannot be used \(127.0.0.1:\d+: Connection refused\)"):
+        load_model("prunelab-tests/no-such-model")
+    assert time.monotonic() - started < 10  # one refused connect, no client retries
 
 
 def test_the_registry_gguf_is_converted_into_the_model_cache(smollm2):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from transformers import (
 )
 
 from prunelab.config import settings
+from prunelab.data import hub
 from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prunelab.models.checkpoint import read_provenance, save_checkpoint
 from prunelab.models.modeling_prunelab import PER_LAYER_CLASSES
@@ -141,22 +143,31 @@ def _local_source(spec: str, path: Path) -> ModelSource:
 
 
 def _hub_source(repo_id: str) -> ModelSource:
+    """A hub model's snapshot: downloaded when the hub answers, else from the local
+    Hugging Face cache only (no minutes of client retries without a network)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = settings().offline
+    unreachable = hub.unreachable_reason()
+    token = "is set but has no access to it" if os.environ.get("HF_TOKEN") else "is not set"
     try:
-        directory = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+        directory = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=unreachable is not None))
     except LocalEntryNotFoundError:
-        if offline:
+        if unreachable:
             raise FailedPrecondition(
-                f"hub model {repo_id} is not in the local Hugging Face cache and offline mode is on "
-                "(PRUNELAB_OFFLINE/HF_HUB_OFFLINE): download it once online, or give a local directory",
+                f"hub model {repo_id} is not in the local Hugging Face cache and the hub cannot be used ({unreachable}): "
+                "download it once online, or give a local directory",
                 field="model",
             ) from None
         raise Unavailable(f"hub model {repo_id} could not be downloaded", field="model") from None
+    except GatedRepoError:
+        raise FailedPrecondition(
+            f"hub model {repo_id} is gated: accept its licence on the hub and give the workers a read token in "
+            f"HF_TOKEN (HF_TOKEN {token})",
+            field="model",
+        ) from None
     except RepositoryNotFoundError:
-        raise NotFound(f"hub model {repo_id} does not exist or is not accessible", field="model") from None
+        raise NotFound(f"hub model {repo_id} does not exist, or is private and HF_TOKEN {token}", field="model") from None
     except (HfHubHTTPError, OSError) as error:
         raise Unavailable(f"hub model {repo_id} could not be downloaded: {error}", field="model") from None
     return ModelSource(repo_id, "hub", directory, repo_id, _weights_digest(directory))
