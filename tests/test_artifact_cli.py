@@ -125,3 +125,16 @@ def test_artifact_list_and_get_from_an_s3_store_named_by_url(s3_store, corpus, t
     assert uri not in capsys.readouterr().out
     assert main(["artifact", "get", uri, "--store", url, "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "train.txt").read_bytes() == (corpus / "train.txt").read_bytes()
+
+
+@pytest.mark.s3
+def test_data_import_and_list_into_an_s3_store_named_by_url(s3_store, corpus, monkeypatch, capsys):
+    url = settings().store
+    monkeypatch.delenv("PRUNELAB_STORE")  # the configured store is the local one; the deployment's keys stay in the env
+    settings.cache_clear()
+    assert main(["data", "import", "notes", str(corpus / "train.txt"), "--store", url]) == 0
+    assert main(["data", "list", "--store", url]) == 0
+    assert "notes" in capsys.readouterr().out.split("\n", 1)[1]
+    assert main(["data", "list"]) == 0
+    assert "notes" not in capsys.readouterr().out
+    assert get_dataset("notes", s3_store).splits["train"].rows > 0

@@ -49,7 +49,8 @@ def _list(args: argparse.Namespace) -> int:
             listed = OrchestratorStub(channel).ListArtifacts(ListArtifactsRequest(kind=args.kind or "")).artifacts
         artifacts = [{"uri": a.uri, "kind": a.kind, "size": a.size_bytes} for a in listed]
     else:
-        artifacts = [{"uri": a.uri, "kind": a.kind, "size": a.size, "files": a.files, "meta": a.meta} for a in _store(args).list(args.kind)]
+        artifacts = [{"uri": a.uri, "kind": a.kind, "size": a.size, "files": a.files, "meta": a.meta}
+                     for a in chosen_store(args.store).list(args.kind)]
     if args.json:
         print(json.dumps(artifacts, indent=2))
     else:
@@ -68,16 +69,17 @@ def _get(args: argparse.Namespace) -> int:
         with make_channel(args.orchestrator) as channel, domain_errors():
             written = download_artifact(OrchestratorStub(channel), args.uri, args.out)
     else:
-        folder = _store(args).get_dir(args.uri)  # every file checked against the manifest
+        folder = chosen_store(args.store).get_dir(args.uri)  # every file checked against the manifest
         shutil.copytree(folder, args.out, dirs_exist_ok=True)
         written = [args.out / path.relative_to(folder) for path in folder.rglob("*") if path.is_file()]
     print(f"{args.uri}: {len(written)} files verified -> {args.out}")
     return 0
 
 
-def _store(args: argparse.Namespace) -> Any:
+def chosen_store(url: str | None) -> Any:
+    """The store `--store URL` names (S3 keys from PRUNELAB_S3_*), else the configured one."""
     from prunelab.config import settings
     from prunelab.store import open_store
 
     cfg = settings()
-    return open_store(dataclasses.replace(cfg, store=args.store) if args.store else cfg)
+    return open_store(dataclasses.replace(cfg, store=url) if url else cfg)

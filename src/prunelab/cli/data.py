@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 # prunelab.data's FORMATS, spelled out: importing it loads the S3 client (~0.3 s) and
 # `prunelab --help` must answer at once (tests/test_cli_help.py keeps the two equal).
 FORMAT_NAMES = ("alpaca", "jsonl", "text")
+STORE_HELP = "another store: s3://bucket[/prefix] (keys from PRUNELAB_S3_*), file:///path or a path; default: PRUNELAB_STORE"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,20 +33,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--column", help="store records (.jsonl/.json/.parquet) as a text corpus from this column "
         "(default for text: 'text', else 'sentence')",
     )
-    importer.add_argument("--orchestrator", metavar="HOST:PORT", help="into a deployment's store: upload through its orchestrator")
+    where = importer.add_mutually_exclusive_group()
+    where.add_argument("--orchestrator", metavar="HOST:PORT", help="into a deployment's store: upload through its orchestrator")
+    where.add_argument("--store", metavar="URL", help=STORE_HELP)
     importer.set_defaults(handler=_import)
 
     lister = commands.add_parser("list", help="list stored datasets")
     lister.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    lister.add_argument("--store", metavar="URL", help=STORE_HELP)
     lister.set_defaults(handler=_list)
 
 
 def _import(args: argparse.Namespace) -> int:
     if args.orchestrator:
         return _import_remote(args)
+    from prunelab.cli.artifact import chosen_store
     from prunelab.data import import_dataset
 
-    dataset = import_dataset(args.name, args.path, split=args.split, kind=args.format, column=args.column)
+    store = chosen_store(args.store)
+    dataset = import_dataset(args.name, args.path, split=args.split, kind=args.format, column=args.column, store=store)
     splits = ", ".join(f"{s} ({info.rows} rows, {info.words} words)" for s, info in sorted(dataset.splits.items()))
     print(f"{dataset.name}: {dataset.format}, {splits} -> {dataset.uri}")
     return 0
@@ -64,9 +70,10 @@ def _import_remote(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from prunelab.cli.artifact import chosen_store
     from prunelab.data import list_datasets
 
-    datasets = list_datasets()
+    datasets = list_datasets(chosen_store(args.store))
     if args.json:
         print(json.dumps([asdict(d) | {"size": d.size} for d in datasets], indent=2))
     else:
