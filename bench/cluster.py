@@ -3,7 +3,7 @@
     python -P bench/cluster.py [--methods l2,taylor] [--windows 40] [--jobs 1] [--threads N]
 
 The default study (examples/smollm2.yaml) cut down to the methods given at 20 % of
-the whole model, WikiText-2 perplexity on --windows windows and profiling, without
+the whole model, perplexity on its corpora (--windows windows each) and profiling, without
 tuning or tasks (its text is ../shared/data when present, else the embedded
 fallback). The model, SmolLM2-135M-Instruct, is the Q4_1 GGUF dequantized to float32,
 so its perplexities are not the original checkpoint's. Three runs, each from an
@@ -84,8 +84,9 @@ def timed_run(args: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 
 def perplexities(report_dir: Path) -> dict[str, float]:
+    """"model corpus" -> perplexity, every corpus the study measures."""
     rows = csv.DictReader(io.StringIO((report_dir / "measurements.csv").read_text()))
-    return {row["model"]: float(row["value"]) for row in rows if row["measure"] == "ppl"}
+    return {f"{row['model']} {row['name']}": float(row["value"]) for row in rows if row["measure"] == "ppl"}
 
 
 def run_on_cluster(name: str, root: Path, study_file: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -119,7 +120,9 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "deploy" / "local"))  # deploy/ is not a package
     root = Path(tempfile.mkdtemp(prefix="prunelab-cluster-bench-"))
     study_file = root / "study.yaml"
-    study_file.write_text(yaml.safe_dump(study(args.methods.split(","), args.windows)))
+    document = study(args.methods.split(","), args.windows)
+    study_file.write_text(yaml.safe_dump(document))
+    corpora = document["evaluation"]["perplexity"]["corpora"]
     base_env = {**os.environ, "PRUNELAB_OFFLINE": "true", "PRUNELAB_CACHE": str(root / "cache"), "PRUNELAB_LOG_LEVEL": "WARNING"}
     if SHARED.is_dir():
         base_env["PRUNELAB_DATA_DIR"] = str(SHARED)
@@ -142,9 +145,10 @@ def main() -> int:
     reference = reports["embedded"]
     same = all(r.keys() == reference.keys() and all(abs(r[k] - v) <= 1e-4 * v for k, v in reference.items())
                for r in reports.values())
-    jobs = len(args.methods.split(",")) * 3 + 1  # prune, evaluate, profile per method, the base's evaluation
-    print(f"study: {args.methods} at 20 % of SmolLM2-135M (Q4_1 GGUF dequantized to float32), wikitext2 ppl "
-          f"(seq 128, first {args.windows} windows), profiling: {jobs} jobs; {CORES} cores")
+    # per model one evaluation per corpus and a profile; per method a prune
+    jobs = (len(args.methods.split(",")) + 1) * (len(corpora) + 1) + len(args.methods.split(","))
+    print(f"study: {args.methods} at 20 % of SmolLM2-135M (Q4_1 GGUF dequantized to float32), perplexity on "
+          f"{', '.join(corpora)} (seq 128, first {args.windows} windows each), profiling: {jobs} jobs; {CORES} cores")
     print("clock: `prunelab run` from submission to the written report, after the driver imported what the services "
           "import at start-up; the cluster's start-up is outside it")
     print("| mode | jobs at once | torch threads per process | wall s | vs embedded |\n|---|---|---|---|---|")
@@ -153,7 +157,7 @@ def main() -> int:
           f"{like_s / embedded_s:.2f}x |")
     print(f"| local cluster at full parallelism (make up-local's sizing) | {CORES} | 1 | {full_s:.1f} | {full_s / embedded_s:.2f}x |")
     print(f"cluster start-up, not in the clocks: {like_startup_s:.1f} s (like for like), {full_startup_s:.1f} s (full parallelism)")
-    print(f"same perplexities in all three: {same} ({', '.join(f'{k[:20]}={v:.2f}' for k, v in sorted(reference.items()))})")
+    print(f"same perplexities in all three: {same} ({', '.join(f'{k}={v:.2f}' for k, v in sorted(reference.items()))})")
     return 0 if same else 1
 
 
