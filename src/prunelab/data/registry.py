@@ -129,11 +129,7 @@ def resolve_text(name_or_path: str, split: str = "validation", store: ArtifactSt
     reads the same text with or without a network. Records (jsonl, Parquet, the
     hub's rows) read as their `text` / `sentence` column, one row per line."""
     split = canonical_split(split)
-    local = (
-        _stored_split_file(name_or_path, split, store, want="text")
-        or _local_split_file(Path(name_or_path), split)
-        or _data_dir_split_file(name_or_path, split)
-    )
+    local = _local_split(name_or_path, split, store, want="text")
     if local is not None:
         return _file_text(local)
     corpus = BUILTIN_CORPORA.get(name_or_path)
@@ -151,11 +147,7 @@ def load_records(name: str, split: str, store: ArtifactStore | None = None) -> l
     """The records of `split` of a jsonl or alpaca dataset: from the store, a local
     file or folder, `$PRUNELAB_DATA_DIR/<name>/`, or the hub when it answers."""
     split = canonical_split(split)
-    local = (
-        _stored_split_file(name, split, store, want="records")
-        or _local_split_file(Path(name), split)
-        or _data_dir_split_file(name, split)
-    )
+    local = _local_split(name, split, store, want="records")
     if local is not None:
         return read_records(local)
     try:
@@ -226,8 +218,9 @@ def _stage_split(fmt: str, split: str, source: Path, staging: Path, column: str 
     how = ""
     if fmt == "text" and source.suffix in RECORD_SUFFIXES:
         records = read_records(source)
+        column = text_column(records, column)
         target.write_text(records_text(records, column), encoding="utf-8")
-        how = f"{source.name}: column {text_column(records, column)!r} of {len(records)} records, one row per line"
+        how = f"{source.name}: column {column!r} of {len(records)} records, one row per line"
         rows = data_format.read_rows(target)
     else:
         rows = data_format.read_rows(source)
@@ -267,6 +260,15 @@ def _dataset_ref(name: str, uri: str, meta: dict[str, Any]) -> DatasetRef:
 
 
 # ---- resolving ----
+
+
+def _local_split(name: str, split: str, store: ArtifactStore | None, want: str) -> Path | None:
+    """The file for `split` of `name` that needs no hub: stored, a local path, or in the data dir."""
+    return (
+        _stored_split_file(name, split, store, want)
+        or _local_split_file(Path(name), split)
+        or _data_dir_split_file(name, split)
+    )
 
 
 def _stored_split_file(name: str, split: str, store: ArtifactStore | None, want: str) -> Path | None:
