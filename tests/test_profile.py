@@ -1,6 +1,7 @@
 """The profiler: parameter and MAC counts against their formulas, generation timing
 against `generate`, profiles with a baseline (speedups from the same run's paired
-rounds), memory in child processes, the CLI and the gRPC service."""
+rounds), nonzero parameters and MACs of a model with zero weights, memory in child
+processes, the CLI and the gRPC service."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prunelab.cli import main
 from prunelab.errors import InvalidArgument
 from prunelab.models import LlamaFamilyAdapter, save_checkpoint
 from prunelab.profile import (
+    DENSE_KERNELS_NOTE,
     ProfileOptions,
     Spread,
     analytic_macs,
@@ -26,6 +28,7 @@ from prunelab.profile import (
     report_rows,
 )
 from prunelab.profile.latency import prompt_ids, time_generation, timed_round
+from prunelab.profile.messages import result_message
 from prunelab.profile.service import SERVICE_NAME, ProfilerServicer, registration
 from prunelab.rpc import call_in_process, error_detail
 from prunelab.v1 import profiler_pb2, profiler_pb2_grpc
@@ -35,6 +38,11 @@ HIDDEN, HEAD_DIM, VOCAB = 64, 16, 320  # the tiny configs' shape (fixtures.model
 # Small and quick: one thread, because on a shared machine several OpenMP threads
 # wait on each other far longer than tiny matmuls take.
 QUICK = ProfileOptions(seq_len=8, batch_sizes=(1, 3), gen_tokens=3, repeats=3, warmup=1, threads=1, measure_memory=False)
+# The tiny Llama by hand: 4 layers of q, o (64 x 128), k, v (64 x 32) and gate, up, down
+# (64 x 96) weights; tied embeddings (320 x 64, counted once); two norms per layer and a
+# final one (64 each).
+TINY_LINEAR_WEIGHTS = 4 * (2 * 64 * 128 + 2 * 64 * 32 + 3 * 64 * 96)
+TINY_PARAMS = 320 * 64 + TINY_LINEAR_WEIGHTS + (2 * 4 + 1) * 64
 
 
 def shrink_unevenly(model: torch.nn.Module) -> torch.nn.Module:
@@ -142,6 +150,44 @@ def test_counting_macs_leaves_the_model_as_it_was(one_thread):
     ptflops_macs(model, 4)
     assert model.config._attn_implementation == before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def half_zeroed(model: torch.nn.Module) -> torch.nn.Module:
+    """Every other input column of each decoder linear weight set to zero: half of each, as 50 % sparsity does."""
+    with torch.no_grad():
+        for layer in LlamaFamilyAdapter(model).layers:
+            for linear in layer.modules():
+                if isinstance(linear, torch.nn.Linear):
+                    linear.weight[:, ::2] = 0
+    return model
+
+
+def test_a_half_zeroed_model_keeps_its_dense_figures_beside_its_nonzero_ones(tmp_path, tiny_tokenizer):
+    base = save_checkpoint(tiny_causal_lm("llama"), tiny_tokenizer, tmp_path / "base", {})
+    half = save_checkpoint(half_zeroed(tiny_causal_lm("llama")), tiny_tokenizer, tmp_path / "half", {})
+    report = profile_models([str(half)], baseline=str(base), options=QUICK)
+    dense, [sparse] = report.baseline, report.models
+
+    zeros, seq_len = TINY_LINEAR_WEIGHTS // 2, QUICK.seq_len
+    dense_macs = seq_len * 4 * (2 * 64 * 128 + 2 * 64 * 32 + 3 * 64 * 96) + 4 * 8 * (seq_len * seq_len * 16) * 2 + seq_len * 64 * 320
+    assert dense.params.total == dense.params.nonzero == sparse.params.total == TINY_PARAMS
+    assert sparse.params.nonzero == TINY_PARAMS - zeros
+    assert dense.macs == dense.nonzero_macs == sparse.macs == dense_macs
+    assert sparse.nonzero_macs == dense_macs - seq_len * zeros  # one MAC per token per zero weight
+
+    base_row, sparse_row = report_rows(report)
+    assert (base_row.nonzero_params_ratio, base_row.nonzero_macs_ratio) == (1.0, 1.0)
+    assert (sparse_row.params_ratio, sparse_row.macs_ratio) == (1.0, 1.0)
+    assert sparse_row.nonzero_params_ratio == (TINY_PARAMS - zeros) / TINY_PARAMS
+    assert sparse_row.nonzero_macs_ratio == (dense_macs - seq_len * zeros) / dense_macs
+    table = render_markdown([base_row, sparse_row])
+    assert table.endswith(DENSE_KERNELS_NOTE) and "| Nonzero MACs |" in table.splitlines()[0]
+    assert DENSE_KERNELS_NOTE not in render_markdown([base_row])
+
+    message = result_message(report, "job-1")
+    assert (message.model.params.nonzero, message.model.nonzero_macs) == (TINY_PARAMS - zeros, dense_macs - seq_len * zeros)
+    assert (message.baseline.params.nonzero, message.baseline.nonzero_macs) == (TINY_PARAMS, dense_macs)
+    assert [row["nonzero_params"] for row in message.report.data["rows"]] == [TINY_PARAMS, TINY_PARAMS - zeros]
 
 
 # --- timing

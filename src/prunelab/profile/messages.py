@@ -94,6 +94,7 @@ def _model(profile: ModelProfile) -> profiler_pb2.ModelProfile:
         params=_params(profile.params),
         macs=profile.macs,
         macs_analytic=_macs(profile.macs_analytic),
+        nonzero_macs=profile.nonzero_macs,
         checkpoint_bytes=profile.checkpoint_bytes,
         latency=[_latency(latency) for latency in profile.latency],
     )
@@ -105,6 +106,7 @@ def _model(profile: ModelProfile) -> profiler_pb2.ModelProfile:
 def _params(params: ParamCounts) -> profiler_pb2.ParameterCounts:
     return profiler_pb2.ParameterCounts(
         total=params.total,
+        nonzero=params.nonzero,
         embeddings=params.embeddings,
         lm_head=params.lm_head,
         tied_embeddings=params.tied_embeddings,

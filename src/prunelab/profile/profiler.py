@@ -24,7 +24,15 @@ from prunelab.models import LoadedModel, load_model, resolve_model
 from prunelab.profile.latency import GenerationTiming, Spread, prompt_ids, timed_round
 from prunelab.profile.memory import MemoryProfile, measure_memory
 from prunelab.profile.options import ProfileOptions, torch_dtype
-from prunelab.profile.static import MacBreakdown, ParamCounts, analytic_macs, checkpoint_bytes, count_parameters, ptflops_macs
+from prunelab.profile.static import (
+    MacBreakdown,
+    ParamCounts,
+    analytic_macs,
+    checkpoint_bytes,
+    count_parameters,
+    nonzero_macs,
+    ptflops_macs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ class ModelProfile:
     params: ParamCounts
     macs: int  # ptflops, batch 1 x seq_len
     macs_analytic: MacBreakdown  # the formula, same pass
+    nonzero_macs: int  # same pass, zero weights skipped: an ideal sparse kernel's count, not what ran
     checkpoint_bytes: int
     memory: MemoryProfile | None  # None when not measured
     latency: list[BatchLatency]
@@ -145,6 +154,7 @@ class _StaticFigures:
     params: ParamCounts
     macs: int
     macs_analytic: MacBreakdown
+    nonzero_macs: int
     checkpoint_bytes: int
 
 
@@ -172,7 +182,9 @@ def _static_figures(loaded: LoadedModel, seq_len: int) -> _StaticFigures:
     macs, formula = ptflops_macs(model, seq_len, STATIC_BATCH_SIZE), analytic_macs(model, seq_len, STATIC_BATCH_SIZE)
     if macs != formula.total:  # e.g. a layer kind the formula does not know; both are reported
         log.warning("%s: ptflops counts %d MACs, the analytic formula %d", loaded.source.spec, macs, formula.total)
-    return _StaticFigures(count_parameters(model), macs, formula, checkpoint_bytes(loaded.source.path))
+    return _StaticFigures(
+        count_parameters(model), macs, formula, nonzero_macs(model, macs, seq_len, STATIC_BATCH_SIZE), checkpoint_bytes(loaded.source.path)
+    )
 
 
 def _measure_memory(specs: list[str], options: ProfileOptions, end: float) -> Generator[ProgressUpdate, None, dict[str, MemoryProfile]]:
@@ -233,6 +245,7 @@ def _model_profile(
         params=static.params,
         macs=static.macs,
         macs_analytic=static.macs_analytic,
+        nonzero_macs=static.nonzero_macs,
         checkpoint_bytes=static.checkpoint_bytes,
         memory=memory,
         latency=[

@@ -1,5 +1,7 @@
 """Figures that need no clock: parameter counts, MACs (ptflops, checked against the
-analytic formula) and checkpoint size on disk.
+analytic formula) and checkpoint size on disk; for models with exact zeros in their
+weights (sparse pruning keeps the dense shapes), the nonzero parameters and the MACs a
+kernel that skips zero weights would do.
 
 MACs are those of one forward pass over `batch_size` x `seq_len` tokens, logits at
 every position, no KV cache. ptflops' aten backend counts every matmul the pass
@@ -44,9 +46,11 @@ class LayerParams:
 class ParamCounts:
     """Parameters by part. `total` counts distinct tensors, so tied input and output
     embeddings count once: in `embeddings`, with `lm_head` 0 and `tied_embeddings` set.
-    The parts add up to `total`."""
+    The parts add up to `total`; `nonzero` counts the elements of those tensors that
+    are not exactly zero (what a sparse model really keeps)."""
 
     total: int
+    nonzero: int
     embeddings: int
     lm_head: int
     tied_embeddings: bool
@@ -86,6 +90,7 @@ def count_parameters(model: PreTrainedModel) -> ParamCounts:
     layers = [_layer_params(block, widths) for block, widths in zip(adapter.layers, adapter.layer_widths(), strict=False)]
     return ParamCounts(
         total=_numel(model),
+        nonzero=sum(int(torch.count_nonzero(p)) for p in model.parameters()),
         embeddings=_numel(model.get_input_embeddings()),
         lm_head=0 if tied else _numel(model.get_output_embeddings()),
         tied_embeddings=tied,
@@ -142,6 +147,17 @@ def ptflops_macs(model: PreTrainedModel, seq_len: int, batch_size: int = 1) -> i
     if macs is None:  # ptflops prints the exception and returns None
         raise RuntimeError("ptflops could not count the model's MACs; its traceback is on stdout")
     return int(macs)
+
+
+def nonzero_macs(model: PreTrainedModel, dense_macs: int, seq_len: int, batch_size: int = 1) -> int:
+    """The ideal MAC count of the same pass for a kernel that skips zero weights: the
+    dense count less, for every nn.Linear, one MAC per token per exactly-zero weight.
+    Nothing runs this way here: dense kernels multiply the zeros too (and PyTorch's
+    2:4 kernels reach only part of this saving, on some GPUs). Attention's own matmuls
+    and the biases have no weights to skip and stay as counted."""
+    zero_weights = sum(int(linear.weight.numel() - torch.count_nonzero(linear.weight))
+                       for linear in model.modules() if isinstance(linear, nn.Linear))
+    return dense_macs - batch_size * seq_len * zero_weights
 
 
 def checkpoint_bytes(path: Path) -> int:
