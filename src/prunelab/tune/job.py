@@ -1,6 +1,7 @@
 """One tuning job end to end: load the checkpoint, build the data, train LoRA under
 the guard (resuming a saved state of the same job), fold the best adapter into the
 weights, publish the merged model (kind "model") and the adapter (kind "adapter").
+A sparse input's zeros are set again after the fold (see sparsity.py).
 The CLI and the tuner service both call `run_tune`."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prunelab.prune.memory import PeakMemory
 from prunelab.store import ArtifactRef, open_store
 from prunelab.tune.data import TuneData, build_tune_data, dataset_format
 from prunelab.tune.settings import TuneSettings, training_dtype
+from prunelab.tune.sparsity import ZeroPattern, sparsity_record
 from prunelab.tune.state import CurvePoint, JobDirectory, job_directory
 from prunelab.tune.trainer import BeforeStep, LoraTrainer, TrainingProgress, TrainingResult, perplexity_of, validation_loss
 
@@ -118,10 +120,11 @@ def run_tune(
         loaded = load_model(model, dtype=dtype, device=device)
         data = build_tune_data(loaded.tokenizer, settings)
         heldout_before = _heldout_loss(loaded.model, data, settings, loaded.tokenizer)  # before LoRA wraps the model
+        zeros = ZeroPattern.of_sparse(loaded)  # before training: the input's zeros, None when it is dense
         with job_directory(job_key(loaded, data, settings, dtype, device)).locked() as snapshots:
             peft_model, training = _train(loaded, data, settings, snapshots, progress, before_step)
             progress(TuneUpdate("save", TRAIN_END, f"{training.reason}; writing the model and the adapter"))
-            published = _publish(loaded, peft_model, data, settings, training, dtype, out_dir, heldout_before)
+            published = _publish(loaded, peft_model, data, settings, training, dtype, out_dir, heldout_before, zeros)
             snapshots.remove()  # the artifacts are stored; a rerun starts afresh
     outcome = TuneOutcome(
         **published,
@@ -196,7 +199,7 @@ def _heldout_loss(model: PreTrainedModel, data: TuneData, settings: TuneSettings
 
 def _publish(
     loaded: LoadedModel, peft_model: PeftModel, data: TuneData, settings: TuneSettings,
-    training: TrainingResult, dtype: torch.dtype, out_dir: Path | None, heldout_before: float,
+    training: TrainingResult, dtype: torch.dtype, out_dir: Path | None, heldout_before: float, zeros: ZeroPattern | None,
 ) -> dict[str, Any]:
     """Save the adapter, fold it in, check the folded model, store both."""
     state = training.state
@@ -207,14 +210,14 @@ def _publish(
         adapter_dir = staging / "adapter"
         peft_model.peft_config["default"].base_model_name_or_path = loaded.source.spec
         peft_model.save_pretrained(str(adapter_dir), safe_serialization=True, save_embedding_layers=False)
-        merged, after, best_step, reason = _merged_model(loaded, peft_model, data, settings, training, dtype)
+        merged, after, best_step, reason = _merged_model(loaded, peft_model, data, settings, training, dtype, zeros)
         summary = {
             "best_step": best_step, "reason": reason,
             "val_ppl_before": perplexity_of(before), "val_ppl_after": perplexity_of(after),
             "heldout_ppl_before": perplexity_of(heldout_before),
             "heldout_ppl_after": perplexity_of(_heldout_loss(merged, data, settings, loaded.tokenizer)),
         }
-        record = _provenance(loaded, data, settings, training, dtype, summary)
+        record = _provenance(loaded, merged, data, settings, training, dtype, summary)
         (adapter_dir / "prunelab.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         save_checkpoint(merged, loaded.tokenizer, target, record)
         meta = {"base_model": record["base_model_id"], "method": "lora", "input_sha256": loaded.source.sha256, **summary}
@@ -232,22 +235,26 @@ def _publish(
 
 def _merged_model(
     loaded: LoadedModel, peft_model: PeftModel, data: TuneData, settings: TuneSettings,
-    training: TrainingResult, dtype: torch.dtype,
+    training: TrainingResult, dtype: torch.dtype, zeros: ZeroPattern | None,
 ) -> tuple[PreTrainedModel, float, int, str]:
-    """The input with the best adapter folded in, its validation loss, the step it
-    is, and why. At step 0 the adapter is zero and the fold exact. Later steps are
-    measured again once folded: in bf16 the fold rounds, and should that leave the
-    model worse than the input, the input itself is returned."""
+    """The input with the best adapter folded in (a sparse input's zeros set again),
+    its validation loss, the step it is, and why. At step 0 the adapter is zero and the
+    fold exact. Later steps are measured again once folded: in bf16 the fold rounds,
+    the zeros drop part of the update, and should that leave the model worse than the
+    input, the input itself is returned."""
     state = training.state
     merged = peft_model.merge_and_unload()
+    if zeros is not None:
+        zeros.restore(merged)  # before measuring: the guard judges the model that is returned
     before = state.curve[0].val_loss
     if state.best_step == 0:
         return merged, before, 0, training.reason
     after = validation_loss(merged, data.validation, settings.batch_size, pad_token_id(loaded.tokenizer))
     if math.isfinite(after) and after <= before:
         return merged, after, state.best_step, training.reason
+    folded = f"folded into the {str(dtype).removeprefix('torch.')} weights" + (", zeros kept," if zeros is not None else "")
     reason = (
-        f"step 0: step {state.best_step}'s adapter folded into the {str(dtype).removeprefix('torch.')} weights measured "
+        f"step 0: step {state.best_step}'s adapter {folded} measured "
         f"val ppl {perplexity_of(after):.3f}, above the input's {perplexity_of(before):.3f} ({training.reason})"
     )
     log.warning("%s; returning the input model", reason)
@@ -255,7 +262,7 @@ def _merged_model(
 
 
 def _provenance(
-    loaded: LoadedModel, data: TuneData, settings: TuneSettings, training: TrainingResult,
+    loaded: LoadedModel, merged: PreTrainedModel, data: TuneData, settings: TuneSettings, training: TrainingResult,
     dtype: torch.dtype, summary: dict[str, Any],
 ) -> dict[str, Any]:
     source = loaded.source
@@ -278,4 +285,5 @@ def _provenance(
         "total_steps": training.total_steps,
         "curve": [asdict(point) for point in training.state.curve],
         "input_provenance": parent,
+        **sparsity_record(parent, merged),
     }
