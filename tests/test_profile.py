@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from fixtures.models import tiny_causal_lm
+from fixtures.models import TINY_LLAMA_LINEAR_WEIGHTS, TINY_LLAMA_PARAMS, half_zeroed, tiny_causal_lm
 
 from prunelab.cli import main
 from prunelab.errors import InvalidArgument
@@ -38,11 +38,6 @@ HIDDEN, HEAD_DIM, VOCAB = 64, 16, 320  # the tiny configs' shape (fixtures.model
 # Small and quick: one thread, because on a shared machine several OpenMP threads
 # wait on each other far longer than tiny matmuls take.
 QUICK = ProfileOptions(seq_len=8, batch_sizes=(1, 3), gen_tokens=3, repeats=3, warmup=1, threads=1, measure_memory=False)
-# The tiny Llama by hand: 4 layers of q, o (64 x 128), k, v (64 x 32) and gate, up, down
-# (64 x 96) weights; tied embeddings (320 x 64, counted once); two norms per layer and a
-# final one (64 each).
-TINY_LINEAR_WEIGHTS = 4 * (2 * 64 * 128 + 2 * 64 * 32 + 3 * 64 * 96)
-TINY_PARAMS = 320 * 64 + TINY_LINEAR_WEIGHTS + (2 * 4 + 1) * 64
 
 
 def shrink_unevenly(model: torch.nn.Module) -> torch.nn.Module:
@@ -152,42 +147,32 @@ def test_counting_macs_leaves_the_model_as_it_was(one_thread):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def half_zeroed(model: torch.nn.Module) -> torch.nn.Module:
-    """Every other input column of each decoder linear weight set to zero: half of each, as 50 % sparsity does."""
-    with torch.no_grad():
-        for layer in LlamaFamilyAdapter(model).layers:
-            for linear in layer.modules():
-                if isinstance(linear, torch.nn.Linear):
-                    linear.weight[:, ::2] = 0
-    return model
-
-
 def test_a_half_zeroed_model_keeps_its_dense_figures_beside_its_nonzero_ones(tmp_path, tiny_tokenizer):
     base = save_checkpoint(tiny_causal_lm("llama"), tiny_tokenizer, tmp_path / "base", {})
     half = save_checkpoint(half_zeroed(tiny_causal_lm("llama")), tiny_tokenizer, tmp_path / "half", {})
     report = profile_models([str(half)], baseline=str(base), options=QUICK)
     dense, [sparse] = report.baseline, report.models
 
-    zeros, seq_len = TINY_LINEAR_WEIGHTS // 2, QUICK.seq_len
+    zeros, seq_len = TINY_LLAMA_LINEAR_WEIGHTS // 2, QUICK.seq_len
     dense_macs = seq_len * 4 * (2 * 64 * 128 + 2 * 64 * 32 + 3 * 64 * 96) + 4 * 8 * (seq_len * seq_len * 16) * 2 + seq_len * 64 * 320
-    assert dense.params.total == dense.params.nonzero == sparse.params.total == TINY_PARAMS
-    assert sparse.params.nonzero == TINY_PARAMS - zeros
+    assert dense.params.total == dense.params.nonzero == sparse.params.total == TINY_LLAMA_PARAMS
+    assert sparse.params.nonzero == TINY_LLAMA_PARAMS - zeros
     assert dense.macs == dense.nonzero_macs == sparse.macs == dense_macs
     assert sparse.nonzero_macs == dense_macs - seq_len * zeros  # one MAC per token per zero weight
 
     base_row, sparse_row = report_rows(report)
     assert (base_row.nonzero_params_ratio, base_row.nonzero_macs_ratio) == (1.0, 1.0)
     assert (sparse_row.params_ratio, sparse_row.macs_ratio) == (1.0, 1.0)
-    assert sparse_row.nonzero_params_ratio == (TINY_PARAMS - zeros) / TINY_PARAMS
+    assert sparse_row.nonzero_params_ratio == (TINY_LLAMA_PARAMS - zeros) / TINY_LLAMA_PARAMS
     assert sparse_row.nonzero_macs_ratio == (dense_macs - seq_len * zeros) / dense_macs
     table = render_markdown([base_row, sparse_row])
     assert table.endswith(DENSE_KERNELS_NOTE) and "| Nonzero MACs |" in table.splitlines()[0]
     assert DENSE_KERNELS_NOTE not in render_markdown([base_row])
 
     message = result_message(report, "job-1")
-    assert (message.model.params.nonzero, message.model.nonzero_macs) == (TINY_PARAMS - zeros, dense_macs - seq_len * zeros)
-    assert (message.baseline.params.nonzero, message.baseline.nonzero_macs) == (TINY_PARAMS, dense_macs)
-    assert [row["nonzero_params"] for row in message.report.data["rows"]] == [TINY_PARAMS, TINY_PARAMS - zeros]
+    assert (message.model.params.nonzero, message.model.nonzero_macs) == (TINY_LLAMA_PARAMS - zeros, dense_macs - seq_len * zeros)
+    assert (message.baseline.params.nonzero, message.baseline.nonzero_macs) == (TINY_LLAMA_PARAMS, dense_macs)
+    assert [row["nonzero_params"] for row in message.report.data["rows"]] == [TINY_LLAMA_PARAMS, TINY_LLAMA_PARAMS - zeros]
 
 
 # --- timing

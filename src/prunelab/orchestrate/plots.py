@@ -1,5 +1,7 @@
 """The report's figures (matplotlib, Agg backend: no display needed): perplexity and
-average accuracy against the parameters actually kept, one line per method and
+average accuracy against the nonzero parameters actually kept (for a structured model
+its parameters; a sparse one keeps every dense parameter, so only its nonzero count
+places it next to the structured ones), one line per method, sparsity pattern and
 pruning scheme, and LoRA tuning curves."""
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _quality_figure(models, keys, value_of, titles, y_label, path: Path, log_y: 
     for axis, key, title in zip(axes[0], keys, titles, strict=True):
         drew |= _quality_axis(axis, models, lambda m, key=key: value_of(m, key))
         axis.set_title(title)
-        axis.set_xlabel("parameters kept (% of the base model)")
+        axis.set_xlabel("nonzero parameters kept (% of the base model)")
         axis.set_ylabel(y_label)
         if log_y:
             _plain_log_scale(axis)
@@ -67,15 +69,16 @@ def _plain_log_scale(axis) -> None:
 def _quality_axis(axis, models: list[ModelResults], value_of) -> bool:
     """One line per method (and scheme, when the study has several) from the base
     model's point down; tuned models as their own dashed line; the base model as a star."""
-    base = next(((m.params_kept * 100, value_of(m)) for m in models if m.role == "base" and value_of(m) is not None), None)
+    base = next(((m.nonzero_kept * 100, value_of(m)) for m in models if m.role == "base" and value_of(m) is not None), None)
     show_scheme = len({m.scheme for m in models if m.role != "base"}) > 1
     show_variant = len({m.facts["variant"] for m in models if m.role != "base" and m.facts["variant"]}) > 1
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for model in models:
-        value, kept = value_of(model), model.params_kept
+        value, kept = value_of(model), model.nonzero_kept
         if model.role == "base" or value is None or kept is None:
             continue
         name = model.facts["method"] + (f"-{model.facts['variant']}" if show_variant and model.facts["variant"] else "")
+        name += f" {model.pattern}" if model.pattern else ""
         name += f" ({model.scheme})" if show_scheme else ""
         name += " +LoRA" if model.role == "tuned" else ""
         if base is not None and model.role == "pruned" and not lines[name]:

@@ -4,7 +4,10 @@ PNG plots, in one folder that is also stored as an artifact of kind "report" (re
 
 Tables follow the study: the base model's evaluation (Table 2), parameters asked vs
 got (Table 3), perplexity and accuracy per method and ratio with tuned rows (Tables
-4-6, one per pruning scheme), tuning, cost and speed (Table 7) and timing. Every
+4-6, one per pruning scheme), the pruning families side by side at equal nonzero
+parameters, tuning, cost and speed (Table 7) and timing. Wherever parameters appear,
+the nonzero ones stand beside them: a sparse model keeps every dense parameter, its
+zeros included, so only the nonzero count says what it kept. Every
 measurement row in measurements.csv carries its provenance: the checkpoint's
 sha256 and the protocol (corpus, split, seq_len, windows, dataset sha256; task n,
 shots, task and lm-eval versions).
@@ -31,6 +34,9 @@ REF_PREFIX = "reports/"
 MIB = 1024 * 1024
 # Accuracy tables: metric -> (table number, what it shows), as the seed study's Tables 5 and 6.
 ACCURACY_METRICS = {"acc": ("5", "acc"), "acc_norm": ("6", "acc_norm (acc where a task has none)")}
+NONZERO_NOTE = ("Nonzero kept %: parameters not exactly zero (the profiler's count, else the pruner's), as a share of the "
+                "base model's parameters. A sparse model keeps every dense parameter (Params kept 100 %); its nonzero "
+                "share is what it really kept and what compares with a structured model's.")
 
 
 @dataclass
@@ -67,6 +73,7 @@ def write_report(study: StudyRow, jobs: list[JobRow], folder: Path) -> dict[str,
         _params_table(models),
         *_quality_tables(models, ppl_keys, tasks),
         *[_accuracy_table(models, tasks, metric) for metric in ACCURACY_METRICS if tasks],
+        _families_table(models, ppl_keys, tasks),
         _tuning_table(models),
         _efficiency_table(models),
         _timing_table(models),
@@ -136,11 +143,10 @@ def _accuracy_table(models: list[ModelResults], tasks: list[str], metric: str) -
 
 
 def _quality_table(name: str, title: str, models: list[ModelResults], ppl_keys: list[tuple[str, int]], tasks: list[str]) -> Table:
-    columns = ["Model", "Ratio asked %", "Params kept %"] + [f"PPL {c}@{s}" for c, s in ppl_keys] + [f"{t} acc" for t in tasks]
-    table = Table(name, title, columns + (["Average acc"] if tasks else []) + ["Checkpoint sha256"])
+    columns = ["Model", "Ratio asked %", "Params kept %", "Nonzero kept %"] + [f"PPL {c}@{s}" for c, s in ppl_keys]
+    table = Table(name, title, columns + [f"{t} acc" for t in tasks] + (["Average acc"] if tasks else []) + ["Checkpoint sha256"])
     for model in models:
-        kept = model.params_kept
-        row = [model.label, _percent(model.facts.get("ratio")), _percent(kept)]
+        row = [model.label, _percent(model.facts.get("ratio")), _percent(model.params_kept), _percent(model.nonzero_kept)]
         row += [model.perplexity[key].ppl if key in model.perplexity else None for key in ppl_keys]
         row += [model.tasks[task].acc if task in model.tasks else None for task in tasks]
         row += ([model.average_accuracy(tasks)] if tasks else []) + [model.checkpoint_sha256[:12]]
@@ -152,19 +158,47 @@ def _quality_table(name: str, title: str, models: list[ModelResults], ppl_keys: 
 
 def _params_table(models: list[ModelResults]) -> Table:
     table = Table("table3_params", "Table 3 — parameters removed: asked vs got",
-                  ["Model", "Method", "Variant", "Semantics", "Attn layers", "MLP layers", "Asked %", "Got % (whole model)",
-                   "Params before", "Params after", "Prune s", "Peak memory MiB"])
+                  ["Model", "Method", "Variant", "Semantics", "Pattern", "Attn layers", "MLP layers", "Asked %",
+                   "Got % (whole model)", "Params before", "Params after", "Nonzero after", "Nonzero kept %", "Prune s",
+                   "Peak memory MiB"])
     for model in models:
         if model.role != "pruned" or model.prune is None:
             continue
         prune, facts = model.prune, model.facts
         table.rows.append([
-            model.label, facts["method"], facts["variant"] or "–", facts["semantics"], facts["attn_layers"], facts["mlp_layers"],
-            _percent(prune["ratio_asked"]), _percent(prune["ratio_got"]), int(prune["params_before"]), int(prune["params_after"]),
-            prune["wall_seconds"], int(prune["peak_memory_bytes"]) / MIB,
+            model.label, facts["method"], facts["variant"] or "–", facts["semantics"], model.pattern or "–", facts["attn_layers"],
+            facts["mlp_layers"], _percent(prune["ratio_asked"]), _percent(prune["ratio_got"]), int(prune["params_before"]),
+            int(prune["params_after"]), model.nonzero_params, _percent(model.nonzero_kept), prune["wall_seconds"],
+            int(prune["peak_memory_bytes"]) / MIB,
         ])
     table.notes.append("Got % is 1 - params after / params before over the whole model, embeddings and head included; "
                        "layer_ratio asks for a share of the chosen layers only, as LLM-Pruner does.")
+    table.notes.append(NONZERO_NOTE)
+    return table
+
+
+def _families_table(models: list[ModelResults], ppl_keys: list[tuple[str, int]], tasks: list[str]) -> Table:
+    """Every model by its nonzero parameters kept, highest first, so structured and
+    sparse models of (near) equal nonzero count sit next to each other."""
+    table = Table("table_families", "Families at equal nonzero parameters",
+                  ["Model", "Family", "Method", "Pattern", "Nonzero kept %", "Params kept %"]
+                  + [f"PPL {c}@{s}" for c, s in ppl_keys] + (["Mean acc"] if tasks else []))
+    if all(model.role == "base" for model in models):
+        return table
+    by_share = sorted(models, key=lambda m: (m.nonzero_kept is None, -(m.nonzero_kept or 0.0), m.role != "base", m.label))
+    for model in by_share:
+        method = model.facts.get("method", "") + (f"-{model.facts['variant']}" if model.facts.get("variant") else "")
+        row = [model.label, model.family or "base", method or "–", model.pattern or "–", _percent(model.nonzero_kept),
+               _percent(model.params_kept)]
+        row += [model.perplexity[key].ppl if key in model.perplexity else None for key in ppl_keys]
+        table.rows.append(row + ([model.average_accuracy(tasks)] if tasks else []))
+    table.notes.append("Structured pruning (taylor, l1, l2, random, ...) removes heads and channels: smaller dense matrices, "
+                       "faster on dense kernels. Sparse pruning (magnitude, wanda, sparsegpt) zeroes weights inside the dense "
+                       "shapes, unstructured or N:M (N zeros in every M consecutive inputs), its layer sparsities uniform or "
+                       "from OWL; it runs at dense speed on dense kernels (Table 7).")
+    table.notes.append(NONZERO_NOTE)
+    if tasks:
+        table.notes.append(f"Mean acc: over {', '.join(tasks)}; empty unless every one was scored.")
     return table
 
 
@@ -187,15 +221,19 @@ def _tuning_table(models: list[ModelResults]) -> Table:
 def _efficiency_table(models: list[ModelResults]) -> Table:
     profiled = [model for model in models if model.profile_row is not None]
     batch_sizes = [int(batch["batch_size"]) for batch in profiled[0].profile_row["batches"]] if profiled else []
-    columns = ["Model", "Params", "Params %", "MACs", "MACs %", "Memory MiB", "Memory %", "Checkpoint MiB"]
+    columns = ["Model", "Params", "Params %", "Nonzero params", "Nonzero %", "MACs", "MACs %", "Nonzero MACs", "Nonzero MACs %",
+               "Memory MiB", "Memory %", "Checkpoint MiB"]
     for size in batch_sizes:
         columns += [f"b{size} prefill ms", f"b{size} decode tok/s", f"b{size} prefill speedup", f"b{size} decode speedup"]
     table = Table("table7_efficiency", "Table 7 — parameters, MACs, memory, latency and speedup", columns)
     for model in profiled:
         row = model.profile_row
         base_row = model.role == "base"
-        cells = [model.label, int(row["params"]), _percent(1.0 if base_row else row["params_ratio"]), int(row["macs"]),
-                 _percent(1.0 if base_row else row["macs_ratio"]),
+        nonzero_params, nonzero_macs = _int_or_none(row.get("nonzero_params")), _int_or_none(row.get("nonzero_macs"))
+        cells = [model.label, int(row["params"]), _percent(1.0 if base_row else row["params_ratio"]), nonzero_params,
+                 _percent(_own_share(nonzero_params, row["params"]) if base_row else row.get("nonzero_params_ratio")),
+                 int(row["macs"]), _percent(1.0 if base_row else row["macs_ratio"]), nonzero_macs,
+                 _percent(_own_share(nonzero_macs, row["macs"]) if base_row else row.get("nonzero_macs_ratio")),
                  None if row["memory_bytes"] is None else row["memory_bytes"] / MIB,
                  _percent(1.0 if base_row and row["memory_bytes"] is not None else row["memory_ratio"]),
                  row["checkpoint_bytes"] / MIB]
@@ -205,7 +243,24 @@ def _efficiency_table(models: list[ModelResults]) -> Table:
     table.notes.append("MACs: one forward pass of one sequence of the profile's seq_len. Memory: peak while running it "
                        "(CPU: RSS increase; GPU: max allocated). Latency: medians; speedups are medians of per-round ratios "
                        "against the base model timed in the same process, alternating with it.")
+    table.notes.append("Nonzero params: parameters not exactly zero. Nonzero MACs: the MACs less one per token for every zero "
+                       "weight of a linear layer, what an ideal sparse kernel would do.")
+    from prunelab.profile import DENSE_KERNELS_NOTE, is_sparse  # imports torch: only when the report is written
+
+    if any(row.get("nonzero_params") is not None and is_sparse(int(row["params"]), int(row["nonzero_params"]))
+           for row in (model.profile_row for model in profiled)):
+        table.notes.append(DENSE_KERNELS_NOTE)
     return table
+
+
+def _own_share(part: int | None, whole: Any) -> float | None:
+    """A base model's nonzero share of its own dense count (its profile has no baseline to divide by)."""
+    return None if part is None else part / int(whole)
+
+
+def _int_or_none(value: Any) -> int | None:
+    """A count from a result's JSON (Struct numbers arrive as floats); None when an older result lacks it."""
+    return None if value is None else int(value)
 
 
 def _timing_table(models: list[ModelResults]) -> Table:
@@ -230,14 +285,16 @@ def _jobs_table(jobs: list[JobRow]) -> Table:
 def _measurements(models: list[ModelResults]) -> Table:
     """Every number with its provenance, one row each."""
     table = Table("measurements", "Measurements", [
-        "model", "role", "method", "variant", "semantics", "attn_layers", "mlp_layers", "ratio_asked", "params_kept",
+        "model", "role", "method", "variant", "semantics", "pattern", "attn_layers", "mlp_layers", "ratio_asked", "params_kept",
+        "nonzero_kept",
         "measure", "name", "value", "stderr", "seq_len", "split", "windows", "tokens", "dataset_sha256", "fallback_corpus",
         "n", "num_fewshot", "task_version", "lm_eval_version", "checkpoint_sha256", "evaluation",
     ])
     for model in models:
         facts = model.facts
         identity = [model.label, model.role, facts.get("method", ""), facts.get("variant", ""), facts.get("semantics", ""),
-                    facts.get("attn_layers", ""), facts.get("mlp_layers", ""), facts.get("ratio"), model.params_kept]
+                    model.pattern, facts.get("attn_layers", ""), facts.get("mlp_layers", ""), facts.get("ratio"), model.params_kept,
+                    model.nonzero_kept]
         for p in model.perplexity.values():
             table.rows.append(identity + ["ppl", p.corpus, p.ppl, None, p.seq_len, p.split, p.windows, p.tokens,
                                           p.dataset_sha256, p.fallback, None, None, None, None, model.checkpoint_sha256, p.evaluation_uri])

@@ -78,6 +78,45 @@ class ModelResults:
         return int(self.prune["params_after"]) / int(self.prune["params_before"])
 
     @property
+    def nonzero_params(self) -> int | None:
+        """Parameters that are not exactly zero: the profiler's count of this very model
+        when it was profiled, else the pruner's (a tuned model reports the pruning it
+        came from, whose zeros tuning keeps). Results from before the pruner counted
+        them hold none (or proto3's unset 0): there a structured model's parameters after
+        pruning stand in."""
+        if self.profile_row is not None and self.profile_row.get("nonzero_params") is not None:
+            return int(self.profile_row["nonzero_params"])
+        if self.prune is None:
+            return None
+        return int(self.prune.get("nonzero_params") or 0) or int(self.prune["params_after"])
+
+    @property
+    def nonzero_kept(self) -> float | None:
+        """Nonzero parameters as a share of the base model's parameters (1.0 for the base):
+        what a sparse model, which keeps every dense parameter, really kept."""
+        if self.role == "base":
+            return 1.0
+        nonzero = self.nonzero_params
+        return None if nonzero is None or self.prune is None else nonzero / int(self.prune["params_before"])
+
+    @property
+    def family(self) -> str:
+        """"sparse" (weights zeroed in the dense shapes), "structured" (rows, columns,
+        heads removed), "" for the base model."""
+        if self.role == "base":
+            return ""
+        return "sparse" if self.facts.get("semantics") == "sparsity" else "structured"
+
+    @property
+    def pattern(self) -> str:
+        """A sparse model's zero pattern and non-uniform allocation ("2:4",
+        "unstructured owl"); "" for structured and base models."""
+        if self.family != "sparse":
+            return ""
+        allocation = self.facts.get("allocation", "uniform")
+        return self.facts.get("pattern", "") + ("" if allocation in ("", "uniform") else f" {allocation}")
+
+    @property
     def tuned_on_fallback(self) -> bool:
         """The tuning data resolved to the embedded fallback text."""
         data = (self.tune or {}).get("report", {}).get("data", {})
