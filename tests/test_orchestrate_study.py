@@ -39,8 +39,8 @@ def error_lines(text: str) -> list[str]:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"pruning": {"methods": ["taylor", "wanda"], "ratios": [0.2]}},
-         "examples/bad.yaml: pruning.methods[1]: unknown method 'wanda'; allowed: taylor, l1, l2, random"),
+        ({"pruning": {"methods": ["taylor", "wandda"], "ratios": [0.2]}},
+         "examples/bad.yaml: pruning.methods[1]: unknown method 'wandda'; allowed: taylor, l1, l2, random, magnitude, wanda, sparsegpt"),
         ({"pruning": [{"methods": ["l2"], "ratios": [0.2]}, {"methods": ["l2"], "ratios": [1.0]}]},
          "examples/bad.yaml: pruning[1].ratios[0]: ratio must be in (0, 1), got 1.0"),
         ({"pruning": {"methods": ["l2"], "ratios": [0.2], "semantics": ["layers"]}},

@@ -166,7 +166,17 @@ def test_cli_json_reports_what_was_asked_and_got(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, reason", [
     (["--ratio", "1.5"], "ratio must be in (0, 1)"),
-    (["--ratio", "0.3", "--method", "wanda"], "unknown method 'wanda'"),
+    (["--ratio", "0.3", "--method", "wandda"], "unknown method 'wandda'"),
+    (["--ratio", "0.3", "--method", "wanda"], "give --sparsity"),
+    (["--sparsity", "0.3", "--method", "taylor"], "give --ratio, not --sparsity"),
+    (["--sparsity", "1.2", "--method", "sparsegpt"], "ratio must be in (0, 1)"),
+    (["--method", "wanda", "--pattern", "4:4"], "0 < N < M"),
+    (["--method", "wanda", "--pattern", "2-4"], "use unstructured or N:M"),
+    (["--sparsity", "0.6", "--method", "wanda", "--pattern", "2:4"], "pattern 2:4 sets 0.5 of the weights to zero"),
+    (["--ratio", "0.3", "--pattern", "2:4"], "pattern applies to the sparse methods"),
+    (["--sparsity", "0.5", "--method", "wanda", "--allocation", "global"], "allocation 'global' is not one of wanda's"),
+    (["--method", "sparsegpt", "--pattern", "2:4", "--allocation", "owl"], "owl varies the sparsity per layer"),
+    (["--sparsity", "0.95", "--method", "wanda", "--allocation", "owl"], "the sparsity must be in (0.08, 0.92)"),
     (["--ratio", "0.3", "--attn-layers", "0:99"], "outside the model's 6 layers"),
 ])
 def test_cli_bad_input_exits_non_zero_with_the_reason(tiny_dir, capsys, argv, reason):
@@ -202,7 +212,9 @@ def test_service_streams_progress_then_the_result_over_a_socket(tiny_dir, pruner
 
 @pytest.mark.parametrize("fields, field", [
     ({"ratio": 0.0}, "ratio"),
-    ({"ratio": 0.3, "method": "magnitude"}, "method"),
+    ({"ratio": 0.3, "method": "magnitud"}, "method"),
+    ({"ratio": 0.3, "method": "sparsegpt", "pattern": "2:4"}, "ratio"),
+    ({"ratio": 0.5, "method": "wanda", "pattern": "5:4"}, "pattern"),
     ({"ratio": 0.3, "attn_layers": "3:1"}, "attn_layers"),
     ({"ratio": 0.3, "model": ""}, "model"),
 ])

@@ -94,7 +94,10 @@ def test_layer_ratio_reproduces_llm_pruner_on_smollm2_shapes():
     [
         ({"ratio": 0.0}, "ratio"),
         ({"ratio": 1.0}, "ratio"),
-        ({"ratio": 0.3, "method": "wanda"}, "method"),
+        ({"ratio": 0.3, "method": "wandda"}, "method"),
+        ({"ratio": 0.3, "method": "wanda", "pattern": "3:4"}, "ratio"),
+        ({"ratio": 0.5, "method": "wanda", "semantics": "params_ratio"}, "semantics"),
+        ({"ratio": 0.5, "method": "magnitude", "mode": "channel"}, "mode"),
         ({"ratio": 0.3, "method": "taylor", "variant": "element3"}, "variant"),
         ({"ratio": 0.3, "attn_layers": "4:40"}, "attn_layers"),
         ({"ratio": 0.3, "mlp_layers": "x:y"}, "mlp_layers"),

@@ -1,4 +1,8 @@
-"""`prunelab prune`: structured pruning in this process, the pruner service's code."""
+"""`prunelab prune`: pruning in this process, the pruner service's code.
+
+Structured (taylor, l1, l2, random) removes heads and channels: --ratio is the share
+of parameters to remove. Sparse (magnitude, wanda, sparsegpt) sets weights to zero:
+--sparsity is the share of the decoder's linear weights, --pattern unstructured or N:M."""
 
 from __future__ import annotations
 
@@ -9,20 +13,29 @@ from pathlib import Path
 # Choices are spelled out here rather than imported so `prunelab --help` starts
 # without torch; PruneSettings.validate() is still the authority.
 METHODS = ("taylor", "l1", "l2", "random")
+SPARSE_METHODS = ("magnitude", "wanda", "sparsegpt")
 VARIANTS = ("element1", "element2", "mix", "vector")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("prune", help="prune a model (structured, LLM-Pruner criteria)", description=__doc__)
+    parser = subparsers.add_parser("prune", help="prune a model (structured, LLM-Pruner criteria; or sparse: Wanda, SparseGPT)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="registered name (smollm2-135m), checkpoint dir, .gguf, artifact:// URI or hub id")
-    parser.add_argument("--method", default="taylor", help=f"importance: {', '.join(METHODS)} (default taylor)")
+    parser.add_argument("--method", default="taylor",
+                        help=f"structured: {', '.join(METHODS)} (default taylor); sparse: {', '.join(SPARSE_METHODS)}")
     parser.add_argument("--variant", default="element1", help=f"taylor variant: {', '.join(VARIANTS)} (default element1)")
     parser.add_argument("--aggregation", default="sum", help="group aggregation: sum, mean, max, first (default sum)")
-    parser.add_argument("--ratio", type=float, required=True, help="share to remove, in (0, 1)")
-    parser.add_argument("--semantics", default="params_ratio",
-                        help="params_ratio: share of the whole model (default); layer_ratio: LLM-Pruner's, inside the chosen layers")
+    parser.add_argument("--ratio", type=float, default=None, help="structured: share to remove, in (0, 1)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="sparse: share of the decoder's linear weights to set to zero (N:M patterns: N/M, the default)")
+    parser.add_argument("--pattern", default="", help="sparse: unstructured (default) or N:M, N zeros in every M weights (2:4, 4:8)")
+    parser.add_argument("--owl-lambda", type=float, default=0.08, help="sparse, --allocation owl: layer sparsity spread (default 0.08)")
+    parser.add_argument("--owl-m", type=float, default=5.0, help="sparse, --allocation owl: outlier threshold, times the mean (default 5)")
+    parser.add_argument("--semantics", default="",
+                        help="structured: params_ratio, share of the whole model (default); layer_ratio: LLM-Pruner's, inside the chosen layers")
     parser.add_argument("--mode", default="block", help="block: KV groups and MLP channels (default); channel: hidden size, all layers")
-    parser.add_argument("--allocation", default="uniform", help="uniform: same amount per allowed layer (default); global: ranked across layers")
+    parser.add_argument("--allocation", default="uniform",
+                        help="uniform: same amount per layer (default); structured: global, ranked across layers; sparse: owl, by outliers")
     parser.add_argument("--attn-layers", default="4:-2", help="START:END, end exclusive, negatives count from the end (default 4:-2)")
     parser.add_argument("--mlp-layers", default="4:-2", help="as --attn-layers")
     parser.add_argument("--calibration", default="wikitext2", help="registry dataset for calibration (default wikitext2)")
@@ -44,10 +57,10 @@ def _prune(args: argparse.Namespace) -> int:
     from prunelab.prune import PruneSettings, run_prune
 
     prune_settings = PruneSettings(
-        ratio=args.ratio, method=args.method, variant=args.variant, aggregation=args.aggregation,
+        ratio=_ratio(args), method=args.method, variant=args.variant, aggregation=args.aggregation,
         semantics=args.semantics, mode=args.mode, allocation=args.allocation, attn_layers=args.attn_layers,
         mlp_layers=args.mlp_layers, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
-        seed=args.seed, correction=args.correction,
+        seed=args.seed, correction=args.correction, pattern=args.pattern, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
     )
     with job_progress("prune", silent=args.json) as show:
         outcome = run_prune(
@@ -59,7 +72,29 @@ def _prune(args: argparse.Namespace) -> int:
         print(json.dumps(outcome.as_dict()))
     else:
         r = outcome.report
-        print(f"removed {r.ratio_got:.2%} of parameters ({r.params_before:,} -> {r.params_after:,}; asked {r.ratio_asked:.2%}, {r.semantics})")
+        if r.sparsity:
+            print(f"set {r.ratio_got:.2%} of the decoder's linear weights to zero ({r.sparsity['pattern']}, asked {r.ratio_asked:.2%}); "
+                  f"nonzero parameters {r.params_before:,} -> {r.nonzero_params:,}, dense size unchanged")
+        else:
+            print(f"removed {r.ratio_got:.2%} of parameters ({r.params_before:,} -> {r.params_after:,}; asked {r.ratio_asked:.2%}, {r.semantics})")
         print(f"peak memory {outcome.peak_memory_bytes / 2**30:.2f} GiB ({outcome.memory_kind}), {outcome.wall_seconds:.1f} s")
         print(f"artifact {outcome.artifact.uri}" + (f"\ncheckpoint {outcome.checkpoint_dir}" if outcome.checkpoint_dir else ""))
     return 0
+
+
+def _ratio(args: argparse.Namespace) -> float:
+    """--ratio for structured methods, --sparsity (or an N:M pattern's N/M) for sparse ones."""
+    from prunelab.errors import InvalidArgument
+    from prunelab.prune.sparse import Pattern
+
+    sparse = args.method in SPARSE_METHODS
+    if sparse and args.ratio is not None:
+        raise InvalidArgument(f"{args.method} sets weights to zero: give --sparsity (the share of the decoder's linear weights), not --ratio")
+    if not sparse and args.sparsity is not None:
+        raise InvalidArgument(f"{args.method} removes heads and channels: give --ratio, not --sparsity (sparse methods: {', '.join(SPARSE_METHODS)})")
+    given = args.sparsity if sparse else args.ratio
+    if given is None and sparse and not Pattern.parse(args.pattern).unstructured:
+        return Pattern.parse(args.pattern).sparsity
+    if given is None:
+        raise InvalidArgument("give --sparsity" if sparse else "give --ratio")
+    return given

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -106,6 +106,11 @@ class LlamaFamilyAdapter:
             down=mlp.down_proj,
         )
 
+    def linears(self, layer: int) -> dict[str, nn.Linear]:
+        """The layer's seven linear maps by their short names ("q", ..., "down")."""
+        proj = self.projections(layer)
+        return {f.name: getattr(proj, f.name) for f in fields(LayerProjections)}
+
     def layer_widths(self) -> list[LayerWidths]:
         """Widths read from the weights themselves, so they are right after any shrink."""
         widths = []
@@ -123,6 +128,10 @@ class LlamaFamilyAdapter:
     def num_parameters(self) -> int:
         """Distinct parameters (tied embeddings counted once)."""
         return sum(p.numel() for p in self.model.parameters())
+
+    def num_nonzero_parameters(self) -> int:
+        """Nonzero elements of the distinct parameters: what a sparse model really keeps."""
+        return sum(int(torch.count_nonzero(p)) for p in self.model.parameters())
 
     # ---- shrinks ----
 

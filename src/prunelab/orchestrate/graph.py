@@ -21,6 +21,7 @@ from typing import Any
 
 from prunelab.errors import InvalidArgument
 from prunelab.orchestrate.study import Layers, PruningGrid, Study
+from prunelab.prune.sparse import SPARSE_METHODS, UNSTRUCTURED, Pattern
 
 PRUNE, TUNE, EVALUATE, PROFILE = "prune", "tune", "evaluate", "profile"
 KINDS = (PRUNE, TUNE, EVALUATE, PROFILE)
@@ -72,7 +73,8 @@ def resolve(inputs: dict[str, Any], model_uris: dict[str, str]) -> dict[str, Any
 
 def _pruned_models(study: Study) -> list[tuple[JobSpec, ModelNode]]:
     points = [point for grid in study.pruning for point in _grid_points(grid)]
-    show_scheme = len({(p["semantics"], p["attn_layers"], p["mlp_layers"]) for p in points}) > 1
+    structured = [p for p in points if not p["pattern"]]
+    show_scheme = len({(p["semantics"], p["attn_layers"], p["mlp_layers"]) for p in structured}) > 1
     show_variant = len({p["variant"] for p in points if p["method"] == "taylor"}) > 1
     models: dict[str, tuple[JobSpec, ModelNode]] = {}
     for grid in study.pruning:
@@ -90,22 +92,35 @@ def _pruned_models(study: Study) -> list[tuple[JobSpec, ModelNode]]:
 
 def _grid_points(grid: PruningGrid) -> list[dict[str, Any]]:
     points: dict[str, dict[str, Any]] = {}  # methods other than taylor have no variant: dedupe
-    for method, variant, ratio, semantics, layers in itertools.product(grid.methods, grid.variants, grid.ratios, grid.semantics, grid.layers):
-        point = {
-            "method": method,
-            "variant": variant if method == "taylor" else "",
-            "ratio": ratio,
-            "semantics": semantics,
-            "attn_layers": layers.attn,
-            "mlp_layers": layers.mlp,
-        }
-        points[json.dumps(point, sort_keys=True)] = point
+    for method, ratio in itertools.product(grid.methods, grid.ratios):
+        for point in _sparse_points(grid, method, ratio) if method in SPARSE_METHODS else _structured_points(grid, method, ratio):
+            points[json.dumps(point, sort_keys=True)] = point
     return list(points.values())
+
+
+def _structured_points(grid: PruningGrid, method: str, ratio: float) -> list[dict[str, Any]]:
+    return [
+        {"method": method, "variant": variant if method == "taylor" else "", "ratio": ratio, "semantics": semantics,
+         "attn_layers": layers.attn, "mlp_layers": layers.mlp, "pattern": "", "allocation": grid.allocation}
+        for variant, semantics, layers in itertools.product(grid.variants, grid.semantics, grid.layers)
+    ]
+
+
+def _sparse_points(grid: PruningGrid, method: str, ratio: float) -> list[dict[str, Any]]:
+    """One point per pattern; an N:M pattern's sparsity is N/M whatever the ratio."""
+    return [
+        {"method": method, "variant": "", "ratio": ratio if pattern == UNSTRUCTURED else Pattern.parse(pattern).sparsity,
+         "semantics": "sparsity", "attn_layers": ":", "mlp_layers": ":", "pattern": pattern, "allocation": grid.allocation}
+        for pattern in grid.patterns
+    ]
 
 
 def _pruned_label(point: dict[str, Any], show_variant: bool, show_scheme: bool) -> str:
     method = f"{point['method']}-{point['variant']}" if show_variant and point["variant"] else point["method"]
     label = f"{method} {point['ratio'] * 100:g}%"
+    if point["pattern"]:
+        label = f"{method} {point['pattern']}" if point["pattern"] != UNSTRUCTURED else label
+        return label + (f" {point['allocation']}" if point["allocation"] != "uniform" else "")
     if show_scheme:
         label += f" {point['semantics']} {_layers_text(Layers(attn=point['attn_layers'], mlp=point['mlp_layers']))}"
     return label
@@ -125,7 +140,7 @@ def _prune_settings(study: Study, grid: PruningGrid, point: dict[str, Any]) -> d
         "variant": point["variant"],
         "aggregation": grid.aggregation,
         "semantics": point["semantics"],
-        "allocation": grid.allocation,
+        "allocation": point["allocation"],
         "attn_layers": point["attn_layers"],
         "mlp_layers": point["mlp_layers"],
         "calibration": calibration.dataset,
@@ -135,7 +150,15 @@ def _prune_settings(study: Study, grid: PruningGrid, point: dict[str, Any]) -> d
         "seed": grid.seed,
         "correction": grid.correction,
         "mode": grid.mode,
-    }
+    } | _sparse_settings(grid, point)
+
+
+def _sparse_settings(grid: PruningGrid, point: dict[str, Any]) -> dict[str, Any]:
+    """The sparse methods' own fields (structured jobs' inputs, and hashes, stay as they were)."""
+    if not point["pattern"]:
+        return {}
+    owl = {"owl_lambda": grid.owl_lambda, "owl_m": grid.owl_m} if point["allocation"] == "owl" else {}
+    return {"pattern": point["pattern"], "mode": "block", **owl}
 
 
 def _tuned_models(study: Study, pruned: list[tuple[JobSpec, ModelNode]]) -> dict[str, tuple[JobSpec, ModelNode]]:

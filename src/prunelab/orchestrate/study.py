@@ -2,7 +2,7 @@
 profile. `load_study` / `parse_study` check all of it before any job exists and name
 the file, the field path and the allowed values of every mistake, e.g.
 
-    examples/bad.yaml: pruning.methods[1]: unknown method 'wanda'; allowed: taylor, l1, l2, random
+    examples/bad.yaml: pruning.methods[1]: unknown method 'wandda'; allowed: taylor, l1, l2, random, magnitude, wanda, sparsegpt
 
 The allowed values are the worker libraries' own (prunelab.prune, prunelab.tune, ...),
 so the study file and the services cannot disagree about them.
@@ -31,9 +31,10 @@ from pydantic import (
 
 from prunelab.errors import InvalidArgument
 from prunelab.evaluate.evaluation import DTYPES
-from prunelab.prune.importance import AGGREGATIONS, CRITERIA, TAYLOR_VARIANTS
+from prunelab.prune.importance import AGGREGATIONS, TAYLOR_VARIANTS
 from prunelab.prune.layers import DEFAULT_LAYERS
-from prunelab.prune.pruner import ALLOCATIONS, MODES
+from prunelab.prune.pruner import ALLOCATIONS, METHODS, MODES, PruneSettings
+from prunelab.prune.sparse import OWL_LAMBDA, OWL_M, SPARSE_ALLOCATIONS, SPARSE_METHODS, UNSTRUCTURED, Pattern
 from prunelab.prune.targets import SEMANTICS, check_ratio
 from prunelab.tune.settings import TuneSettings
 
@@ -88,7 +89,7 @@ NonNegative = Annotated[int, Field(ge=0)]
 Ratio = Annotated[float, AfterValidator(_ratio)]
 LayerSpan = Annotated[str, BeforeValidator(_layer_span)]
 Device = Annotated[str, AfterValidator(_device)]
-Method = Annotated[str, _one_of("method", CRITERIA)]
+Method = Annotated[str, _one_of("method", METHODS)]
 Variant = Annotated[str, _one_of("taylor variant", TAYLOR_VARIANTS)]
 Semantics = Annotated[str, _one_of("semantics", SEMANTICS)]
 
@@ -111,6 +112,13 @@ class Layers(Section):
     mlp: LayerSpan = DEFAULT_LAYERS
 
 
+def _pattern(value: str) -> str:
+    try:
+        return str(Pattern.parse(value))
+    except InvalidArgument as error:
+        raise ValueError(error.reason) from None
+
+
 def _layers_entry(value: Any) -> Any:
     """"4:18" is shorthand for the same range in attention and MLP."""
     if isinstance(value, (str, int)) and not isinstance(value, bool):
@@ -120,18 +128,41 @@ def _layers_entry(value: Any) -> Any:
 
 
 class PruningGrid(Section):
-    """Every combination of methods x variants x ratios x semantics x layers."""
+    """Every combination of methods x variants x ratios x semantics x layers, and for
+    the sparse methods (magnitude, wanda, sparsegpt) methods x ratios x patterns: their
+    ratio is the sparsity of the decoder's linear weights (an N:M pattern's is N/M),
+    in every layer; variants, semantics, layers and mode are the structured ones'."""
 
     methods: Annotated[list[Method], Field(min_length=1)]
     variants: Annotated[list[Variant], Field(min_length=1)] = ["element1"]  # taylor's; other methods have none
     ratios: Annotated[list[Ratio], Field(min_length=1)]
     semantics: Annotated[list[Semantics], Field(min_length=1)] = ["params_ratio"]
     layers: Annotated[list[Annotated[Layers, BeforeValidator(_layers_entry)]], Field(min_length=1)] = [Layers()]
+    patterns: Annotated[list[Annotated[str, AfterValidator(_pattern)]], Field(min_length=1)] = [UNSTRUCTURED]
     aggregation: Annotated[str, _one_of("aggregation", AGGREGATIONS)] = "sum"
     mode: Annotated[str, _one_of("mode", MODES)] = "block"
-    allocation: Annotated[str, _one_of("allocation", ALLOCATIONS)] = "uniform"
+    allocation: Annotated[str, _one_of("allocation", tuple(dict.fromkeys(ALLOCATIONS + SPARSE_ALLOCATIONS)))] = "uniform"
+    owl_lambda: float = OWL_LAMBDA
+    owl_m: float = OWL_M
     correction: bool = True
     seed: NonNegative = 0
+
+    @model_validator(mode="after")
+    def _settings_valid_for_every_method(self) -> PruningGrid:
+        """Combinations a pruner would refuse (allocation owl for taylor, a 2:4 pattern
+        with owl, ...) are refused here, with the pruner's own reason."""
+        for method in self.methods:
+            sparse = method in SPARSE_METHODS
+            for pattern in self.patterns if sparse else [""]:
+                ratio = Pattern.parse(pattern).sparsity if sparse and pattern != UNSTRUCTURED else self.ratios[0]
+                try:
+                    PruneSettings(ratio=ratio, method=method, variant=self.variants[0], aggregation=self.aggregation,
+                                  semantics="" if sparse else self.semantics[0], mode="block" if sparse else self.mode,
+                                  allocation=self.allocation, pattern=pattern, owl_lambda=self.owl_lambda,
+                                  owl_m=self.owl_m).validate()
+                except InvalidArgument as error:
+                    raise ValueError(f"{method}: {error.reason}") from None
+        return self
 
 
 class TuneSelection(Section):
@@ -140,6 +171,8 @@ class TuneSelection(Section):
     method: Method | None = None
     variant: Variant | None = None
     ratio: Ratio | None = None
+    pattern: Annotated[str, AfterValidator(_pattern)] | None = None
+    allocation: str | None = None
     semantics: Semantics | None = None
     attn_layers: LayerSpan | None = None
     mlp_layers: LayerSpan | None = None

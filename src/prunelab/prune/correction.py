@@ -38,11 +38,13 @@ DAMPING = 1.0
 
 
 class GramAccumulator:
-    """Sums x^T x of the inputs of chosen Linear modules. Hooks stay attached while
+    """Sums x^T x of the inputs of chosen Linear modules (or, `diagonal_only`, only
+    its diagonal: each input column's squared norm). Hooks stay attached while
     `watching`, but only passes run inside `recording()` count, so a caller can
     share one forward pass (e.g. the Taylor pass) and skip others."""
 
-    def __init__(self) -> None:
+    def __init__(self, diagonal_only: bool = False) -> None:
+        self.diagonal_only = diagonal_only
         self.grams: dict[nn.Linear, torch.Tensor] = {}
         self.tokens: dict[nn.Linear, int] = {}
         self._recording = False
@@ -52,7 +54,7 @@ class GramAccumulator:
             return
         # float32 sums are exact enough for a damped solve and twice as fast as float64 on CPU
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, d)
-        gram = x.T @ x
+        gram = x.pow(2).sum(0) if self.diagonal_only else x.T @ x
         self.grams[module] = self.grams[module] + gram if module in self.grams else gram
         self.tokens[module] = self.tokens.get(module, 0) + x.shape[0]
 

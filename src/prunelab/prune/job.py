@@ -17,11 +17,13 @@ from prunelab.errors import InvalidArgument
 from prunelab.models import load_model, save_checkpoint
 from prunelab.prune.memory import PeakMemory
 from prunelab.prune.pruner import Progress, PruneReport, PruneSettings, no_progress, prune_model
+from prunelab.prune.sparse import check_saved_sparsity
 from prunelab.store import ArtifactRef, open_store
 
 log = logging.getLogger(__name__)
 
 STRUCTURE_KEY = "pruning"  # prunelab.json key holding the kept indices per layer
+SPARSITY_KEY = "sparsity"  # prunelab.json key of a sparse model's pattern and per-layer sparsity
 
 
 @dataclass
@@ -69,7 +71,7 @@ def run_prune(
         # bf16 on GPUs halves memory and is what the importance pass is run in there;
         # CPUs lack fast bf16 matmuls, so fp32.
         loaded = load_model(model, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
-        text = resolve_text(settings.calibration, split=calibration_split) if _needs_text(settings) else ""
+        text = resolve_text(settings.calibration, split=calibration_split) if settings.needs_calibration_text else ""
         report = prune_model(loaded.model, loaded.tokenizer, settings, text, progress)
         progress("save", 0.9, "writing the checkpoint")
         artifact, checkpoint_dir = _publish(loaded, settings, report, calibration_split, out_dir)
@@ -87,10 +89,6 @@ def run_prune(
     return outcome
 
 
-def _needs_text(settings: PruneSettings) -> bool:
-    return settings.criterion.needs_gradients or (settings.correction and settings.mode == "block")
-
-
 def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_split: str,
              out_dir: Path | None) -> tuple[ArtifactRef, Path | None]:
     provenance = {
@@ -104,8 +102,11 @@ def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_s
         "ratio_got": report.ratio_got,
         "semantics": report.semantics,
         "params_before": report.params_before,
+        "nonzero_params": report.nonzero_params,
         STRUCTURE_KEY: report.kept,
     }
+    if report.sparsity is not None:
+        provenance[SPARSITY_KEY] = report.sparsity
     staging_root = None
     if out_dir is None:
         staging_root = Path(tempfile.mkdtemp(prefix="prunelab-prune-"))
@@ -114,6 +115,8 @@ def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_s
         target = Path(out_dir)
     try:
         save_checkpoint(loaded.model, loaded.tokenizer, target, provenance)
+        if report.sparsity is not None:
+            check_saved_sparsity(target, report.sparsity)
         meta = {
             "base_model": loaded.source.base_id,
             "method": settings.method,
@@ -122,6 +125,8 @@ def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_s
             "ratio_got": round(report.ratio_got, 6),
             "semantics": report.semantics,
             "params_after": report.params_after,
+            "nonzero_params": report.nonzero_params,
+            "pattern": report.sparsity["pattern"] if report.sparsity else "",
         }
         artifact = open_store().put_dir(target, kind="model", meta=meta)
     except BaseException:

@@ -1,9 +1,11 @@
-"""Structured pruning of Llama-family models: what to remove, removing it, and
-the report that says exactly what was asked and what was got.
+"""Pruning of Llama-family models: what to remove, removing it, and the report
+that says exactly what was asked and what was got.
 
-Block mode (LLM-Pruner's block-wise): whole KV groups of attention and MLP
-channels inside the chosen layer ranges. Channel mode (LLM-Pruner's
-channel-wise): channels of the residual stream, in every layer at once.
+Structured (LLM-Pruner's criteria), block mode (LLM-Pruner's block-wise): whole KV
+groups of attention and MLP channels inside the chosen layer ranges. Channel mode
+(LLM-Pruner's channel-wise): channels of the residual stream, in every layer at
+once. Sparse (magnitude, Wanda, SparseGPT; sparse.py): weights of every decoder
+layer's linear maps set to zero, the architecture unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ from prunelab.errors import InvalidArgument
 from prunelab.models import LlamaFamilyAdapter
 from prunelab.prune.calibration import calibration_windows, taylor_gradients
 from prunelab.prune.correction import GramAccumulator, refit_kept_columns
-from prunelab.prune.importance import Criterion, Slice, attention_slices, group_scores, mlp_slices
+from prunelab.prune.importance import CRITERIA, Criterion, Slice, attention_slices, group_scores, mlp_slices
 from prunelab.prune.layers import DEFAULT_LAYERS, parse_layer_range
+from prunelab.prune.sparse import (
+    OWL_LAMBDA,
+    OWL_M,
+    SPARSE_ALLOCATIONS,
+    SPARSE_METHODS,
+    Pattern,
+    SparsePruner,
+    linear_weight_counts,
+)
 from prunelab.prune.targets import (
     SEMANTICS,
     TOLERANCE,
@@ -35,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("block", "channel")
 ALLOCATIONS = ("uniform", "global")
+METHODS = CRITERIA + SPARSE_METHODS
+SPARSITY = "sparsity"  # the sparse methods' semantics: share of the decoder's linear weights set to zero
 
 Progress = Callable[[str, float, str], None]  # (phase, fraction of the whole job, message)
 
@@ -47,11 +60,11 @@ def no_progress(_phase: str, _fraction: float, _message: str) -> None:
 class PruneSettings:
     """Everything that decides the pruned model, apart from the model itself."""
 
-    ratio: float
+    ratio: float  # structured: share of parameters to remove (see semantics); sparse: sparsity
     method: str = "taylor"
     variant: str = "element1"
     aggregation: str = "sum"
-    semantics: str = "params_ratio"
+    semantics: str = ""  # "" = params_ratio for structured methods, sparsity for sparse ones
     mode: str = "block"
     allocation: str = "uniform"
     attn_layers: str = DEFAULT_LAYERS
@@ -63,10 +76,36 @@ class PruneSettings:
     # Least-squares refit of o_proj/down_proj on the calibration windows'
     # activations (see correction.py).
     correction: bool = True
+    pattern: str = ""  # sparse methods: unstructured ("" too) or N:M
+    owl_lambda: float = OWL_LAMBDA
+    owl_m: float = OWL_M
+
+    def __post_init__(self) -> None:
+        if not self.semantics:
+            object.__setattr__(self, "semantics", SPARSITY if self.sparse else "params_ratio")
+
+    @property
+    def sparse(self) -> bool:
+        return self.method in SPARSE_METHODS
 
     def validate(self) -> None:
+        if self.sparse:
+            Pattern.parse(self.pattern)  # before the ratio: a 4:4 pattern would ask for sparsity 1
         check_ratio(self.ratio)
-        _ = self.criterion  # building it raises on an unknown method, variant or aggregation
+        if self.method not in METHODS:
+            raise InvalidArgument(
+                f"unknown method {self.method!r}; choose one of {', '.join(CRITERIA)} (structured) "
+                f"or {', '.join(SPARSE_METHODS)} (sparse)", field="method")
+        if self.sparse:
+            self._validate_sparse()
+        else:
+            self._validate_structured()
+        for name in ("samples", "seq_len"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
+
+    def _validate_structured(self) -> None:
+        _ = self.criterion  # building it raises on an unknown variant or aggregation
         for name, value, allowed in (
             ("semantics", self.semantics, SEMANTICS),
             ("mode", self.mode, MODES),
@@ -74,13 +113,46 @@ class PruneSettings:
         ):
             if value not in allowed:
                 raise InvalidArgument(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}", field=name)
-        for name in ("samples", "seq_len"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
+        if self.pattern:
+            raise InvalidArgument(f"pattern applies to the sparse methods ({', '.join(SPARSE_METHODS)}); "
+                                  f"{self.method} removes whole heads and channels", field="pattern")
+
+    def _validate_sparse(self) -> None:
+        pattern = Pattern.parse(self.pattern)
+        if self.semantics != SPARSITY:
+            raise InvalidArgument(f"{self.method} sets weights to zero: its ratio is the sparsity of the decoder's "
+                                  f"linear weights (semantics {SPARSITY}), not {self.semantics}", field="semantics")
+        if self.mode != "block":
+            raise InvalidArgument(f"mode {self.mode!r} is structured; {self.method} zeroes weights in every layer", field="mode")
+        if self.allocation not in SPARSE_ALLOCATIONS:
+            raise InvalidArgument(f"allocation {self.allocation!r} is not one of {self.method}'s: "
+                                  f"{', '.join(SPARSE_ALLOCATIONS)}", field="allocation")
+        if not pattern.unstructured and abs(self.ratio - pattern.sparsity) > 1e-9:
+            raise InvalidArgument(f"pattern {pattern} sets {pattern.sparsity:.4g} of the weights to zero, "
+                                  f"but ratio (sparsity) {self.ratio:.4g} was asked", field="ratio")
+        if self.allocation == "owl":
+            self._validate_owl(pattern)
+
+    def _validate_owl(self, pattern: Pattern) -> None:
+        if not pattern.unstructured:
+            raise InvalidArgument(f"owl varies the sparsity per layer; pattern {pattern} fixes it at {pattern.sparsity:.4g}",
+                                  field="allocation")
+        if not 0 < self.owl_lambda < 0.5 or self.owl_m <= 0:
+            raise InvalidArgument(f"owl needs 0 < owl_lambda < 0.5 and owl_m > 0, got {self.owl_lambda} and {self.owl_m}",
+                                  field="owl_lambda")
+        if not self.owl_lambda < self.ratio < 1 - self.owl_lambda:
+            raise InvalidArgument(f"owl spreads layer sparsity over +/-{self.owl_lambda}: the sparsity must be in "
+                                  f"({self.owl_lambda}, {1 - self.owl_lambda}), got {self.ratio}", field="ratio")
 
     @property
     def criterion(self) -> Criterion:
         return Criterion(self.method, self.variant, self.aggregation)
+
+    @property
+    def needs_calibration_text(self) -> bool:
+        if self.sparse:
+            return self.method != "magnitude" or self.allocation == "owl"
+        return self.criterion.needs_gradients or (self.correction and self.mode == "block")
 
 
 @dataclass
@@ -93,6 +165,8 @@ class PruneReport:
     layer_widths: list[dict[str, int]]
     kept: dict[str, dict[str, list[int]]]  # layer -> {"kv_groups": [...], "mlp_channels": [...]} or {"hidden": [...]}
     timings_s: dict[str, float] = field(default_factory=dict)
+    nonzero_params: int = 0  # counted on the pruned weights, whole model
+    sparsity: dict | None = None  # sparse methods: pattern, asked, got, allocation, per-layer sparsity, ...
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,8 +186,11 @@ def layer_shapes(adapter: LlamaFamilyAdapter) -> list[LayerShape]:
 
 
 def prune_model(model, tokenizer, settings: PruneSettings, calibration_text: str, progress: Progress = no_progress) -> PruneReport:
-    """Prune `model` in place as `settings` say (block or channel mode)."""
-    pruner = ChannelPruner if settings.mode == "channel" else BlockPruner
+    """Prune `model` in place as `settings` say (sparse, or block or channel mode)."""
+    if settings.sparse:
+        pruner = SparseJob
+    else:
+        pruner = ChannelPruner if settings.mode == "channel" else BlockPruner
     return pruner(model, tokenizer, settings, calibration_text, progress).run()
 
 
@@ -171,6 +248,7 @@ class BlockPruner(_Pruner):
             layer_widths=[w.as_dict() for w in self.adapter.layer_widths()],
             kept={str(i): k for i, k in kept.items()},
             timings_s=self.timings,
+            nonzero_params=self.adapter.num_nonzero_parameters(),
         )
 
     def _plan(self, shapes: list[LayerShape], params_before: int) -> RemovalPlan:
@@ -322,6 +400,7 @@ class ChannelPruner(_Pruner):
             params_before=params_before, params_after=params_after,
             layer_widths=[w.as_dict() for w in self.adapter.layer_widths()],
             kept={"hidden": {"channels": keep.tolist()}}, timings_s=self.timings,
+            nonzero_params=self.adapter.num_nonzero_parameters(),
         )
 
     def _channels_to_remove(self, per_channel: int, params_before: int) -> int:
@@ -360,3 +439,40 @@ class ChannelPruner(_Pruner):
                                              fisher=s.criterion.needs_fisher)
         self.progress("importance", 0.5, f"scoring {self.adapter.hidden_size} hidden channels by {s.method}")
         return group_scores(slices, s.criterion, self.adapter.hidden_size, self.generator, grads, fisher)
+
+
+class SparseJob(_Pruner):
+    """Magnitude, Wanda or SparseGPT on every decoder layer (sparse.py); the report's
+    ratio is the share of the decoder's linear weights that are zero."""
+
+    def run(self) -> PruneReport:
+        s = self.settings
+        params_before = self.adapter.num_parameters()
+        pattern = Pattern.parse(s.pattern)
+        pruner = SparsePruner(self.model, s.method, s.ratio, pattern, s.allocation, s.owl_lambda, s.owl_m,
+                              on_layer=self._layer_done)
+        pruner.check_shapes()  # fails fast, before any heavy work
+        windows = None
+        if pruner.needs_calibration:
+            self.progress("calibrate", 0.05, f"{s.samples} windows of {s.seq_len} tokens from {s.calibration}")
+            windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed)
+        asked = self._timed("prune", pruner.run, windows)
+        totals, zeros = linear_weight_counts(self.adapter)
+        got = sum(zeros) / sum(totals)
+        if pattern.unstructured and abs(got - s.ratio) > 0.001:
+            raise AssertionError(f"asked sparsity {s.ratio} but got {got}: mask arithmetic is wrong")
+        nonzero = self.adapter.num_nonzero_parameters()
+        return PruneReport(
+            ratio_asked=s.ratio, semantics=SPARSITY, ratio_got=got, params_before=params_before,
+            params_after=self.adapter.num_parameters(),
+            layer_widths=[w.as_dict() for w in self.adapter.layer_widths()], kept={}, timings_s=self.timings,
+            nonzero_params=nonzero,
+            sparsity={
+                "pattern": str(pattern), "asked": s.ratio, "got": got, "allocation": s.allocation,
+                "layers": [z / t for z, t in zip(zeros, totals, strict=True)], "layers_asked": asked,
+                "linear_weights": sum(totals), "nonzero_params": nonzero,
+            },
+        )
+
+    def _layer_done(self, index: int, layers: int, what: str) -> None:
+        self.progress("prune", 0.1 + 0.75 * (index + 1) / layers, f"{what}: layer {index + 1}/{layers}")

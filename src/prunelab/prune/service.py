@@ -86,6 +86,7 @@ def result_message(outcome: PruneOutcome, job_id: str) -> pruner_pb2.PruneResult
         ratio_got=report.ratio_got,
         params_before=report.params_before,
         params_after=report.params_after,
+        nonzero_params=report.nonzero_params,
         layer_widths=[pruner_pb2.LayerWidths(**w) for w in report.layer_widths],
         peak_memory_bytes=outcome.peak_memory_bytes,
         memory_kind=outcome.memory_kind,

@@ -11,15 +11,13 @@ gives a sparse result with exactly its zero pattern.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from prunelab.models import LayerProjections, LlamaFamilyAdapter, LoadedModel, read_provenance
-from prunelab.profile import count_parameters
+from prunelab.models import LlamaFamilyAdapter, LoadedModel, read_provenance
 
 ProjectionKey = tuple[int, str]  # (decoder layer, "q" | "k" | ... | "down")
 
@@ -28,9 +26,8 @@ def decoder_linears(model: PreTrainedModel) -> Iterator[tuple[ProjectionKey, nn.
     """The q/k/v/o/gate/up/down projections of every decoder layer, the weights sparse pruning zeroes."""
     adapter = LlamaFamilyAdapter(model)
     for layer in range(adapter.num_layers):
-        projections = adapter.projections(layer)
-        for field in fields(LayerProjections):
-            yield (layer, field.name), getattr(projections, field.name)
+        for name, linear in adapter.linears(layer).items():
+            yield (layer, name), linear
 
 
 class ZeroPattern:
@@ -61,4 +58,4 @@ def sparsity_record(parent: dict[str, Any], model: PreTrainedModel) -> dict[str,
     sparse model. {} for a dense parent."""
     if "sparsity" not in parent:
         return {}
-    return {"sparsity": {**parent["sparsity"], "nonzero_params": count_parameters(model).nonzero}}
+    return {"sparsity": {**parent["sparsity"], "nonzero_params": LlamaFamilyAdapter(model).num_nonzero_parameters()}}
