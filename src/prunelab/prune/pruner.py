@@ -140,9 +140,10 @@ class PruneSettings:
         if not 0 < self.owl_lambda < 0.5 or self.owl_m <= 0:
             raise InvalidArgument(f"owl needs 0 < owl_lambda < 0.5 and owl_m > 0, got {self.owl_lambda} and {self.owl_m}",
                                   field="owl_lambda")
-        if not self.owl_lambda < self.ratio < 1 - self.owl_lambda:
-            raise InvalidArgument(f"owl spreads layer sparsity over +/-{self.owl_lambda}: the sparsity must be in "
-                                  f"({self.owl_lambda}, {1 - self.owl_lambda}), got {self.ratio}", field="ratio")
+        reach = 2 * self.owl_lambda  # a layer's sparsity may differ from the mean by this much
+        if not reach < self.ratio < 1 - reach:
+            raise InvalidArgument(f"owl with owl_lambda {self.owl_lambda} moves a layer's sparsity up to {reach:g} from the "
+                                  f"mean: the sparsity must be in ({reach:g}, {1 - reach:g}), got {self.ratio}", field="ratio")
 
     @property
     def criterion(self) -> Criterion:

@@ -15,7 +15,7 @@ Patterns: unstructured, or N:M (N zeros in every group of M consecutive input
 columns of each output row; 2:4 is what sparse tensor cores run).
 Allocation: uniform (every layer at the asked sparsity) or owl (Yin et al. 2024):
 a layer's sparsity falls with its share of outlier Wanda scores (above M times the
-layer's mean), spread over [s - lambda, s + lambda] with mean s.
+layer's mean), linearly over a range 2 * lambda wide, with mean s.
 
 Calibration runs layer by layer (sequential.py). Unstructured counts are exact per
 matrix: round(numel * sparsity) zeros (Wanda's rows differ by at most one zero). The
@@ -193,8 +193,8 @@ def outlier_ratio(scores: list[torch.Tensor], multiple: float = OWL_M) -> float:
 
 
 def owl_sparsities(ratios: list[float], target: float, spread: float = OWL_LAMBDA) -> list[float]:
-    """Layer sparsities in [target - spread, target + spread], mean `target`: the
-    more outliers a layer has, the more of it is kept (OWL's rule)."""
+    """Layer sparsities over a range 2 * `spread` wide (so within target +/- 2 * spread),
+    mean `target`: the more outliers a layer has, the more of it is kept (OWL's rule)."""
     r = torch.tensor(ratios, dtype=torch.float64)
     width = r.max() - r.min()
     scaled = (r - r.min()) / width * 2 * spread if width > 0 else torch.zeros_like(r)
