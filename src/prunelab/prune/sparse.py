@@ -295,10 +295,12 @@ def linear_weight_counts(adapter: LlamaFamilyAdapter) -> tuple[list[int], list[i
 
 
 def saved_linear_zeros(checkpoint_dir: Path, pattern: Pattern) -> tuple[int, int, bool]:
-    """(zeros, weights, every N:M group holds exactly N zeros) of the decoder's linear
-    weights as written in a checkpoint's safetensors files."""
+    """(zeros, weights, every N:M group holds N zeros) of the decoder's linear weights
+    as written in a checkpoint's safetensors files. A group holds more than N only
+    where the unpruned model already had zeros (SmolLM2's Q4_1 weights: 0.03 %); at
+    most M - N nonzeros per group is what N:M kernels need."""
     zeros = total = 0
-    groups_exact = True
+    groups_hold = True
     for shard in sorted(Path(checkpoint_dir).glob("*.safetensors")):
         with safe_open(shard, framework="pt") as tensors:
             for name in tensors.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -309,14 +311,14 @@ def saved_linear_zeros(checkpoint_dir: Path, pattern: Pattern) -> tuple[int, int
                 total += is_zero.numel()
                 if not pattern.unstructured:
                     per_group = is_zero.reshape(is_zero.shape[0], -1, pattern.group).sum(-1)
-                    groups_exact &= bool((per_group == pattern.zeros).all())
-    return zeros, total, groups_exact
+                    groups_hold &= bool((per_group >= pattern.zeros).all())
+    return zeros, total, groups_hold
 
 
 def check_saved_sparsity(checkpoint_dir: Path, record: dict) -> None:
     """The written weights say what the report says: a failed check is a bug here."""
     pattern = Pattern.parse(record["pattern"])
-    zeros, total, groups_exact = saved_linear_zeros(checkpoint_dir, pattern)
-    if total != record["linear_weights"] or abs(zeros / total - record["got"]) > 1e-12 or not groups_exact:
+    zeros, total, groups_hold = saved_linear_zeros(checkpoint_dir, pattern)
+    if total != record["linear_weights"] or abs(zeros / total - record["got"]) > 1e-12 or not groups_hold:
         raise AssertionError(f"{checkpoint_dir}: saved weights have {zeros}/{total} zeros"
-                             f"{'' if groups_exact else ', N:M groups broken'}; the report says {record}")
+                             f"{'' if groups_hold else ', N:M groups broken'}; the report says {record}")
