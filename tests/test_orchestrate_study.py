@@ -101,18 +101,25 @@ def test_the_default_study_is_the_promised_grid():
     study = load_study(REPO / "examples" / "smollm2.yaml")
     jobs = expand(study, frozenset(study.evaluation.tasks))  # no task data imported
     pruned = {job.key for job in jobs if job.kind == PRUNE}
-    assert pruned == {f"prune {m} {r}%" for m in ("taylor", "l2", "random") for r in (20, 50)}
+    assert pruned == {"prune taylor 20%", "prune taylor 50%", "prune l2 20%", "prune random 20%", "prune wanda 50%",
+                      "prune sparsegpt 50%"}
+    sparse = [job.inputs for job in jobs if job.kind == PRUNE and job.inputs["method"] in ("wanda", "sparsegpt")]
+    assert all(i["semantics"] == "sparsity" and i["pattern"] == "unstructured" and i["calibration"] == "ptb" for i in sparse)
     assert [job.key for job in jobs if job.kind == TUNE] == ["tune taylor 20% +LoRA"]
     assert sum(job.kind == PROFILE for job in jobs) == 8  # base, six pruned, one tuned
 
 
 def test_the_tinyllama_study_reproduces_the_grid_in_both_semantics():
     study = load_study(REPO / "examples" / "tinyllama-study.yaml")
-    prunes = [job for job in expand(study) if job.kind == PRUNE]
+    prunes = [job for job in expand(study) if job.kind == PRUNE and job.inputs["method"] != "wanda"]
     assert len(prunes) == 4 * 3 * 2
     assert {(job.inputs["semantics"], job.inputs["attn_layers"]) for job in prunes if job.inputs["semantics"] == "layer_ratio"} == {
         ("layer_ratio", "4:18")}
     assert {job.inputs["ratio"] for job in prunes} == {0.3, 0.4, 0.7}
+    wanda = {job.key: job.inputs for job in expand(study) if job.kind == PRUNE and job.inputs["method"] == "wanda"}
+    assert set(wanda) == {"prune wanda 50%", "prune wanda 2:4"}  # the seed's runs that failed
+    assert {(i["pattern"], i["ratio"], i["samples"], i["seq_len"]) for i in wanda.values()} == {
+        ("unstructured", 0.5, 128, 2048), ("2:4", 0.5, 128, 2048)}  # the grid's own calibration
     assert study.evaluation.tasks == ["boolq", "hellaswag", "winogrande", "arc_challenge", "openbookqa"]
     assert study.evaluation.perplexity.seq_lens == [2048, 128] and study.evaluation.perplexity.corpora == ["wikitext2", "ptb"]
 
@@ -154,3 +161,23 @@ def test_a_tuning_selection_that_matches_nothing_is_refused():
     study = parse_study(study_text(tuning={"select": [{"method": "random"}], "settings": {"data": "wikitext2"}}), "t.yaml")
     with pytest.raises(InvalidArgument, match=r"tuning.select\[0\]: \{'method': 'random'\} matches no pruned model"):
         expand(study)
+
+
+@pytest.mark.parametrize("grid, reason", [
+    ({"methods": ["taylor", "wanda"], "ratios": [0.5], "allocation": "owl"}, "taylor: unknown allocation 'owl'"),
+    ({"methods": ["wanda"], "ratios": [0.5], "allocation": "global"}, "wanda: allocation 'global' is not one of wanda's"),
+    ({"methods": ["sparsegpt"], "ratios": [0.5], "patterns": ["2:4"], "allocation": "owl"}, "owl varies the sparsity per layer"),
+    ({"methods": ["wanda"], "ratios": [0.5], "patterns": ["4:2"]}, "N:M needs 0 < N < M"),
+])
+def test_sparse_grid_mistakes_are_refused_with_the_pruners_reason(grid, reason):
+    with pytest.raises(InvalidArgument) as caught:
+        parse_study(study_text(pruning=grid), "s.yaml")
+    assert reason in caught.value.reason
+
+
+def test_sparse_grid_points_take_each_pattern_once_at_its_sparsity():
+    study = parse_study(study_text(pruning={"methods": ["wanda", "taylor"], "ratios": [0.5, 0.6],
+                                            "patterns": ["unstructured", "2:4"]}), "s.yaml")
+    prunes = {job.key: job.inputs for job in expand(study) if job.kind == PRUNE}
+    assert set(prunes) == {"prune wanda 50%", "prune wanda 60%", "prune wanda 2:4", "prune taylor 50%", "prune taylor 60%"}
+    assert prunes["prune wanda 2:4"]["ratio"] == 0.5 and "pattern" not in prunes["prune taylor 50%"]

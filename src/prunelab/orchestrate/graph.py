@@ -133,7 +133,7 @@ def _layers_text(layers: Layers) -> str:
 def _prune_settings(study: Study, grid: PruningGrid, point: dict[str, Any]) -> dict[str, Any]:
     """Every PruneRequest field spelled out, so a changed service default cannot
     silently change what a hash stands for."""
-    calibration = study.calibration
+    calibration = grid.calibration or study.calibration
     return {
         "ratio": point["ratio"],
         "method": point["method"],

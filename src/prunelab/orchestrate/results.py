@@ -64,6 +64,8 @@ class ModelResults:
         """The pruning target and layers, e.g. "params_ratio 4:-2"; "" for the base model."""
         if self.role == "base":
             return ""
+        if self.facts.get("pattern"):  # sparse: every layer, so the pattern is the scheme
+            return f"sparsity {self.facts['pattern']}" + (" owl" if self.facts.get("allocation") == "owl" else "")
         layers = self.facts["attn_layers"] if self.facts["attn_layers"] == self.facts["mlp_layers"] else (
             f"attn {self.facts['attn_layers']} mlp {self.facts['mlp_layers']}")
         return f"{self.facts['semantics']} {layers}"

@@ -146,6 +146,7 @@ class PruningGrid(Section):
     owl_m: float = OWL_M
     correction: bool = True
     seed: NonNegative = 0
+    calibration: Calibration | None = None  # this grid's own calibration text; None: the study's
 
     @model_validator(mode="after")
     def _settings_valid_for_every_method(self) -> PruningGrid:
