@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 from fixtures.models import CALIBRATION_TEXT as TEXT
+from google.protobuf import json_format
 
 from prunelab.cli import main as cli_main
 from prunelab.models import load_model, read_provenance
@@ -190,6 +191,19 @@ def test_service_streams_progress_then_the_result_over_a_socket(tiny_dir, pruner
     assert abs(result.ratio_got - 0.3) <= 0.005 and result.params_after < result.params_before
     assert open_store().exists(result.artifact.uri)
     assert len(result.layer_widths) == 6 and result.peak_memory_bytes > 0 and result.memory_kind == "rss"
+
+
+def test_service_prunes_sparse_over_a_socket_with_per_layer_progress(tiny_dir, pruner_stub):
+    request = pruner_pb2.PruneRequest(job_id="s1", model=str(tiny_dir), ratio=0.5, method="sparsegpt", pattern="2:4",
+                                      calibration="calib", samples=4, seq_len=16)
+    events = list(pruner_stub.Prune(request, timeout=120))
+    layer_messages = [e.progress.message for e in events if e.HasField("progress") and "layer" in e.progress.message]
+    assert layer_messages[-1] == "sparsegpt: layer 6/6"
+    result = events[-1].result
+    assert result.semantics == "sparsity" and result.ratio_got == 0.5 and result.params_after == result.params_before
+    assert 0 < result.nonzero_params < result.params_before
+    sparsity = json_format.MessageToDict(result.report)["sparsity"]
+    assert sparsity["pattern"] == "2:4" and sparsity["layers"] == [0.5] * 6
 
 
 @pytest.mark.parametrize("fields, field", [
