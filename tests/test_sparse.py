@@ -262,3 +262,14 @@ def test_sequential_statistics_memory_does_not_grow_with_depth():
 
     shallow, deep = peak_growth(1), peak_growth(12)
     assert deep < shallow + 40 * 2**20, (shallow, deep)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bf16_models_prune_with_float32_statistics(method):
+    model = tiny_causal_lm("llama", num_hidden_layers=2).to(torch.bfloat16)
+    windows = torch.randint(2, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    SparsePruner(model, method, 0.5, Pattern(2, 4), "uniform").run(windows)
+    for weight in linear_weights(model).values():
+        assert weight.dtype == torch.bfloat16
+        assert ((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) >= 2).all()
+    assert torch.isfinite(model(windows).logits).all()
