@@ -205,22 +205,26 @@ def owl_sparsities(ratios: list[float], target: float, spread: float = OWL_LAMBD
 # ---- the prune
 
 
+def _no_progress(_index: int, _layers: int, _what: str) -> None:
+    pass
+
+
+@dataclass
 class SparsePruner:
     """Sets `sparsity` of the decoder's linear weights to zero, in place."""
 
-    def __init__(self, model: nn.Module, method: str, sparsity: float, pattern: Pattern, allocation: str,
-                 owl_spread: float = OWL_LAMBDA, owl_multiple: float = OWL_M,
-                 on_layer: Callable[[int, int, str], None] = lambda index, layers, what: None):
-        self.model = model
-        self.adapter = LlamaFamilyAdapter(model)
-        self.method = method
-        self.sparsity = sparsity
-        self.pattern = pattern
-        self.allocation = allocation
-        self.owl_spread = owl_spread
-        self.owl_multiple = owl_multiple
-        self.on_layer = on_layer  # (index, layers, what): progress, and where a cancelled job stops
-        self.layer_sparsity = [sparsity] * self.adapter.num_layers
+    model: nn.Module
+    method: str
+    sparsity: float
+    pattern: Pattern
+    allocation: str
+    owl_spread: float = OWL_LAMBDA
+    owl_multiple: float = OWL_M
+    on_layer: Callable[[int, int, str], None] = _no_progress  # (index, layers, what): progress; a cancelled job stops there
+
+    def __post_init__(self) -> None:
+        self.adapter = LlamaFamilyAdapter(self.model)
+        self.layer_sparsity = [self.sparsity] * self.adapter.num_layers
 
     @property
     def needs_calibration(self) -> bool:
