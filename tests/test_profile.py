@@ -303,6 +303,7 @@ def test_cli_json_has_every_headline_figure(checkpoints, capsys):
     summary = json.loads(capsys.readouterr().out)
     for figures in (summary, summary["baseline"]):
         assert figures["params"] > 0 and figures["macs"] > 0 and figures["checkpoint_bytes"] > 0
+        assert 0 < figures["nonzero_params"] <= figures["params"] and 0 < figures["nonzero_macs"] <= figures["macs"]
         assert figures["memory_bytes"] >= 4 * figures["params"]  # at its peak the child held the weights
         assert sorted(figures["latency"]) == ["1", "2"]
         for batch in figures["latency"].values():

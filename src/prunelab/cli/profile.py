@@ -93,7 +93,9 @@ def _model_summary(profile: ModelProfile) -> dict[str, Any]:
     return {
         "model": profile.spec,
         "params": profile.params.total,
+        "nonzero_params": profile.params.nonzero,
         "macs": profile.macs,
+        "nonzero_macs": profile.nonzero_macs,
         "memory_bytes": profile.memory.peak_bytes if profile.memory else None,
         "checkpoint_bytes": profile.checkpoint_bytes,
         "latency": {
