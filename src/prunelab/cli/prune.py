@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sparse: share of the decoder's linear weights to set to zero (N:M patterns: N/M, the default)")
     parser.add_argument("--pattern", default="", help="sparse: unstructured (default) or N:M, N zeros in every M weights (2:4, 4:8)")
     parser.add_argument("--owl-lambda", type=float, default=0.08, help="sparse, --allocation owl: layer sparsity spread (default 0.08)")
-    parser.add_argument("--owl-m", type=float, default=5.0, help="sparse, --allocation owl: outlier threshold, times the mean (default 5)")
+    parser.add_argument("--owl-m", type=float, default=5.0, help="sparse, --allocation owl: outlier threshold, times the mean (default 5.0)")
     parser.add_argument("--semantics", default="",
                         help="structured: params_ratio, share of the whole model (default); layer_ratio: LLM-Pruner's, inside the chosen layers")
     parser.add_argument("--mode", default="block", help="block: KV groups and MLP channels (default); channel: hidden size, all layers")
