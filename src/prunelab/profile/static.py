@@ -90,7 +90,7 @@ def count_parameters(model: PreTrainedModel) -> ParamCounts:
     layers = [_layer_params(block, widths) for block, widths in zip(adapter.layers, adapter.layer_widths(), strict=False)]
     return ParamCounts(
         total=_numel(model),
-        nonzero=sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+        nonzero=adapter.num_nonzero_parameters(),
         embeddings=_numel(model.get_input_embeddings()),
         lm_head=0 if tied else _numel(model.get_output_embeddings()),
         tied_embeddings=tied,
