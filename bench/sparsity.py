@@ -126,9 +126,9 @@ def main() -> int:
 def sparse_linear_weights() -> int:
     """The base model's decoder linear weights (what a sparsity is a share of)."""
     from prunelab.models import LlamaFamilyAdapter, load_model
+    from prunelab.prune.sparse import linear_weight_counts
 
-    adapter = LlamaFamilyAdapter(load_model("smollm2-135m").model)
-    return sum(m.weight.numel() for i in range(adapter.num_layers) for m in adapter.linears(i).values())
+    return sum(linear_weight_counts(LlamaFamilyAdapter(load_model("smollm2-135m").model))[0])
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def _ratio(args: argparse.Namespace) -> float:
     if not sparse and args.sparsity is not None:
         raise InvalidArgument(f"{args.method} removes heads and channels: give --ratio, not --sparsity (sparse methods: {', '.join(SPARSE_METHODS)})")
     given = args.sparsity if sparse else args.ratio
-    if given is None and sparse and not Pattern.parse(args.pattern).unstructured:
-        return Pattern.parse(args.pattern).sparsity
+    pattern = Pattern.parse(args.pattern) if sparse else None
+    if given is None and pattern is not None and not pattern.unstructured:
+        return pattern.sparsity
     if given is None:
         raise InvalidArgument("give --sparsity" if sparse else "give --ratio")
     return given

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from prunelab.models import LlamaFamilyAdapter, LoadedModel, read_provenance
+from prunelab.prune.job import SPARSITY_KEY
 
 ProjectionKey = tuple[int, str]  # (decoder layer, "q" | "k" | ... | "down")
 
@@ -43,7 +44,7 @@ class ZeroPattern:
     def of_sparse(cls, loaded: LoadedModel) -> ZeroPattern | None:
         """The zeros of `loaded` when its provenance says it is sparse; None for a dense model,
         which keeps LoRA's dense merge (its few incidental zeros are no pattern to keep)."""
-        return cls(loaded.model) if "sparsity" in read_provenance(loaded.source.path) else None
+        return cls(loaded.model) if SPARSITY_KEY in read_provenance(loaded.source.path) else None
 
     @torch.no_grad()
     def restore(self, model: PreTrainedModel) -> None:
@@ -56,6 +57,6 @@ def sparsity_record(parent: dict[str, Any], model: PreTrainedModel) -> dict[str,
     """The parent's "sparsity" provenance with the tuned model's nonzero count: the zero
     pattern is the parent's, so a second tuning, the profiler and the report see a
     sparse model. {} for a dense parent."""
-    if "sparsity" not in parent:
+    if SPARSITY_KEY not in parent:
         return {}
-    return {"sparsity": {**parent["sparsity"], "nonzero_params": LlamaFamilyAdapter(model).num_nonzero_parameters()}}
+    return {SPARSITY_KEY: {**parent[SPARSITY_KEY], "nonzero_params": LlamaFamilyAdapter(model).num_nonzero_parameters()}}
