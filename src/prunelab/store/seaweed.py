@@ -43,6 +43,12 @@ _QUIET_FLAGS = (
     "-s3.port.lance=0",
     "-master.telemetry=false",
 )
+# Every bucket is a SeaweedFS collection holding at least one volume of its own. Left
+# to itself, `weed mini` caps the volume count at free disk / volume size (17 on a
+# disk with 17 GiB free), so a test session's per-test buckets ran out of volumes and
+# uploads failed with HTTP 500. Volumes are sparse files that grow as data arrives,
+# so the cap below is only a count; a full disk still fails as a full disk.
+_VOLUME_FLAGS = ("-volume.max=1000",)
 
 
 def weed_binary() -> Path | None:
@@ -127,6 +133,7 @@ def start_seaweed(
         f"-s3.localSocket={data_dir / 's3.sock'}",
         f"-filer.localSocket={data_dir / 'filer.sock'}",
         *_QUIET_FLAGS,
+        *_VOLUME_FLAGS,
         *(f"-{flag}={port}" for flag, port in ports.items()),
     ]
     (data_dir / "data").mkdir(exist_ok=True)
