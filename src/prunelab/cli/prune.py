@@ -1,8 +1,12 @@
 """`prunelab prune`: pruning in this process, the pruner service's code.
 
-Structured (taylor, l1, l2, random) removes heads and channels: --ratio is the share
-of parameters to remove. Sparse (magnitude, wanda, sparsegpt) sets weights to zero:
---sparsity is the share of the decoder's linear weights, --pattern unstructured or N:M."""
+Structured removes heads and channels (--mode block, the default), hidden channels
+(--mode channel) or whole decoder layers (--mode depth): --ratio is the share of
+parameters to remove. With no --method, prunelab's best structured configuration
+runs; naming one (taylor, l1, l2, random: LLM-Pruner's; flap, wanda-sp: FLAP's)
+runs that method's recipe, and unset options take the recipe's values. Sparse
+(magnitude, wanda, sparsegpt) sets weights to zero: --sparsity is the share of the
+decoder's linear weights, --pattern unstructured or N:M."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 
 # Choices are spelled out here rather than imported so `prunelab --help` starts
 # without torch; PruneSettings.validate() is still the authority.
-METHODS = ("taylor", "l1", "l2", "random")
+METHODS = ("taylor", "l1", "l2", "random", "flap", "wanda-sp")
 SPARSE_METHODS = ("magnitude", "wanda", "sparsegpt")
 VARIANTS = ("element1", "element2", "mix", "vector")
 
@@ -21,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("prune", help="prune a model (structured, LLM-Pruner criteria; or sparse: Wanda, SparseGPT)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="registered name (smollm2-135m), checkpoint dir, .gguf, artifact:// URI or hub id")
-    parser.add_argument("--method", default="taylor",
-                        help=f"structured: {', '.join(METHODS)} (default taylor); sparse: {', '.join(SPARSE_METHODS)}")
+    parser.add_argument("--method", default="",
+                        help=f"structured: {', '.join(METHODS)}; sparse: {', '.join(SPARSE_METHODS)} "
+                             f" (default taylor) prunelab's best configuration with the defaults below")
     parser.add_argument("--variant", default="element1", help=f"taylor variant: {', '.join(VARIANTS)} (default element1)")
     parser.add_argument("--aggregation", default="sum", help="group aggregation: sum, mean, max, first (default sum)")
     parser.add_argument("--ratio", type=float, default=None, help="structured: share to remove, in (0, 1)")
@@ -33,18 +38,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--owl-m", type=float, default=5.0, help="sparse, --allocation owl: outlier threshold, times the mean (default 5.0)")
     parser.add_argument("--semantics", default="",
                         help="structured: params_ratio, share of the whole model (default); layer_ratio: LLM-Pruner's, inside the chosen layers")
-    parser.add_argument("--mode", default="block", help="block: KV groups and MLP channels (default); channel: hidden size, all layers")
-    parser.add_argument("--allocation", default="uniform",
-                        help="uniform: same amount per layer (default); structured: global, ranked across layers; sparse: owl, by outliers")
-    parser.add_argument("--attn-layers", default="4:-2", help="START:END, end exclusive, negatives count from the end (default 4:-2)")
-    parser.add_argument("--mlp-layers", default="4:-2", help="as --attn-layers")
-    parser.add_argument("--calibration", default="wikitext2", help="registry dataset for calibration (default wikitext2)")
+    parser.add_argument("--mode", default="block",
+                        help="block: KV groups and MLP channels (default); channel: hidden size, all layers; depth: whole layers")
+    parser.add_argument("--depth-criterion", default="block-influence",
+                        help="mode depth: block-influence (default), angular (consecutive layers) or last")
+    parser.add_argument("--allocation", default="",
+                        help="structured: uniform (same amount per layer), global or adaptive (ranked across layers); "
+                             "sparse: uniform or owl (by outliers) (default uniform unless --method names a recipe)")
+    parser.add_argument("--attn-layers", default=None,
+                        help="START:END, end exclusive, negatives count from the end (default 4:-2 unless --method names a recipe)")
+    parser.add_argument("--mlp-layers", default=None, help="as --attn-layers")
+    parser.add_argument("--calibration", default="", help="registry dataset for calibration (default wikitext2 unless --method names a recipe)")
     parser.add_argument("--calibration-split", default="train", help="its split (default train)")
-    parser.add_argument("--samples", type=int, default=10, help="calibration windows (default 10)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per window (default 64)")
+    parser.add_argument("--samples", type=int, default=0, help="calibration windows (default 10 unless --method names a recipe)")
+    parser.add_argument("--seq-len", type=int, default=0, help="tokens per window (default 64 unless --method names a recipe)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-correction", dest="correction", action="store_false",
-                        help="skip the least-squares refit of o_proj/down_proj (pure LLM-Pruner)")
+    parser.add_argument("--correction", default="",
+                        help="how o_proj/down_proj make up for lost inputs: refit (least squares), bias (FLAP's) or none "
+                             "(default refit unless --method names a recipe)")
+    parser.add_argument("--no-correction", dest="correction", action="store_const", const="none", help="as --correction none")
+    parser.add_argument("--correction-samples", type=int, default=0, help="windows the refit sees (default 10 unless --method names a recipe)")
+    parser.add_argument("--correction-seq-len", type=int, default=0, help="tokens per refit window (default 64 unless --method names a recipe)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default PRUNELAB_DEVICE, else auto)")
     parser.add_argument("--out", type=Path, default=None, help="also write the checkpoint to this new directory")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
@@ -61,6 +75,8 @@ def _prune(args: argparse.Namespace) -> int:
         semantics=args.semantics, mode=args.mode, allocation=args.allocation, attn_layers=args.attn_layers,
         mlp_layers=args.mlp_layers, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
         seed=args.seed, correction=args.correction, pattern=args.pattern, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+        correction_samples=args.correction_samples, correction_seq_len=args.correction_seq_len,
+        depth_criterion=args.depth_criterion,
     )
     with job_progress("prune", silent=args.json) as show:
         outcome = run_prune(

@@ -44,8 +44,10 @@ from prunelab.prune.targets import (
 
 log = logging.getLogger(__name__)
 
-MODES = ("block", "channel")
-ALLOCATIONS = ("uniform", "global")
+MODES = ("block", "channel", "depth")
+ALLOCATIONS = ("uniform", "global", "adaptive")
+DEPTH_CRITERIA = ("block-influence", "angular", "last")
+CORRECTIONS = ("refit", "bias", "none")
 METHODS = CRITERIA + SPARSE_METHODS
 SPARSITY = "sparsity"  # the sparse methods' semantics: share of the decoder's linear weights set to zero
 
@@ -56,31 +58,54 @@ def no_progress(_phase: str, _fraction: float, _message: str) -> None:
     pass
 
 
+# What a method does with the settings left unset: its recipe. LLM-Pruner's criteria
+# spare the first 4 and last 2 layers and calibrate on 10 x 64 tokens (prunelab adds
+# its refit); the sparse methods read only the calibration fields.
+_LLM_PRUNER = {"allocation": "uniform", "attn_layers": DEFAULT_LAYERS, "mlp_layers": DEFAULT_LAYERS,
+               "calibration": "wikitext2", "samples": 10, "seq_len": 64, "correction": "refit",
+               "correction_samples": 10, "correction_seq_len": 64}
+RECIPES: dict[str, dict] = {method: _LLM_PRUNER for method in CRITERIA + SPARSE_METHODS}
+# No method named: prunelab's best structured configuration, chosen by bench/prune.py.
+BEST = {"method": "taylor", **RECIPES["taylor"]}
+
+
 @dataclass(frozen=True)
 class PruneSettings:
-    """Everything that decides the pruned model, apart from the model itself."""
+    """Everything that decides the pruned model, apart from the model itself. Fields
+    left unset ("", 0, None) take the method's recipe (RECIPES); no method at all
+    means prunelab's best configuration (BEST)."""
 
     ratio: float  # structured: share of parameters to remove (see semantics); sparse: sparsity
-    method: str = "taylor"
+    method: str = ""
     variant: str = "element1"
     aggregation: str = "sum"
     semantics: str = ""  # "" = params_ratio for structured methods, sparsity for sparse ones
     mode: str = "block"
-    allocation: str = "uniform"
-    attn_layers: str = DEFAULT_LAYERS
-    mlp_layers: str = DEFAULT_LAYERS
-    calibration: str = "wikitext2"
-    samples: int = 10
-    seq_len: int = 64
+    allocation: str = ""
+    attn_layers: str | None = None
+    mlp_layers: str | None = None
+    calibration: str = ""
+    samples: int = 0
+    seq_len: int = 0
     seed: int = 0
-    # Least-squares refit of o_proj/down_proj on the calibration windows'
-    # activations (see correction.py).
-    correction: bool = True
+    # How o_proj/down_proj make up for the inputs they lose (correction.py): "refit"
+    # (least squares on the calibration activations), "bias" (FLAP's bias
+    # compensation) or "none". True/False mean refit/none.
+    correction: str = ""
+    correction_samples: int = 0  # windows the refit sees; 0 = the method's default
+    correction_seq_len: int = 0  # their tokens; 0 = the method's default
+    depth_criterion: str = "block-influence"  # mode depth: which layers go
     pattern: str = ""  # sparse methods: unstructured ("" too) or N:M
     owl_lambda: float = OWL_LAMBDA
     owl_m: float = OWL_M
 
     def __post_init__(self) -> None:
+        if isinstance(self.correction, bool):
+            object.__setattr__(self, "correction", "refit" if self.correction else "none")
+        recipe = BEST if not self.method else RECIPES.get(self.method, {})
+        for name, value in recipe.items():
+            if getattr(self, name) in ("", 0, None):
+                object.__setattr__(self, name, value)
         if not self.semantics:
             object.__setattr__(self, "semantics", SPARSITY if self.sparse else "params_ratio")
 
@@ -103,6 +128,9 @@ class PruneSettings:
         for name in ("samples", "seq_len"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
+        for name in ("correction_samples", "correction_seq_len"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be 0 (the default) or positive, got {getattr(self, name)}", field=name)
 
     def _validate_structured(self) -> None:
         _ = self.criterion  # building it raises on an unknown variant or aggregation
@@ -110,6 +138,8 @@ class PruneSettings:
             ("semantics", self.semantics, SEMANTICS),
             ("mode", self.mode, MODES),
             ("allocation", self.allocation, ALLOCATIONS),
+            ("correction", self.correction, CORRECTIONS),
+            ("depth_criterion", self.depth_criterion, DEPTH_CRITERIA),
         ):
             if value not in allowed:
                 raise InvalidArgument(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}", field=name)
@@ -153,7 +183,7 @@ class PruneSettings:
     def needs_calibration_text(self) -> bool:
         if self.sparse:
             return self.method != "magnitude" or self.allocation == "owl"
-        return self.criterion.needs_gradients or (self.correction and self.mode == "block")
+        return self.criterion.needs_gradients or (self.correction != "none" and self.mode == "block")
 
 
 @dataclass
@@ -190,6 +220,10 @@ def prune_model(model, tokenizer, settings: PruneSettings, calibration_text: str
     """Prune `model` in place as `settings` say (sparse, or block or channel mode)."""
     if settings.sparse:
         pruner = SparseJob
+    elif settings.mode == "depth":
+        from prunelab.prune.depth import DepthJob  # here: depth.py imports this module
+
+        pruner = DepthJob
     else:
         pruner = ChannelPruner if settings.mode == "channel" else BlockPruner
     return pruner(model, tokenizer, settings, calibration_text, progress).run()
@@ -272,7 +306,7 @@ class BlockPruner(_Pruner):
     def _correction_targets(self, plan: RemovalPlan) -> list[torch.nn.Linear]:
         """The o_proj / down_proj whose inputs may lose channels: their input Grams
         feed the correction. With global allocation any allowed layer may lose some."""
-        if not self.settings.correction:
+        if self.settings.correction == "none":
             return []
         anywhere = self.settings.allocation == "global"
         targets = [self.adapter.projections(i).o for i in self.attn_layers if anywhere or plan.kv_groups[i]]

@@ -64,7 +64,9 @@ def settings_from_request(request: pruner_pb2.PruneRequest) -> PruneSettings:
     given = {}
     for f in fields(PruneSettings):
         if f.name == "correction":
-            if request.HasField("correction"):
+            if request.correction_method:
+                given["correction"] = request.correction_method
+            elif request.HasField("correction"):
                 given["correction"] = request.correction
         elif getattr(request, f.name):
             given[f.name] = getattr(request, f.name)
