@@ -60,15 +60,17 @@ class Criterion:
 
 
 # (weight, grad, fisher) -> salience tensor of the weight's shape, or None for
-# "vector", whose slice sum is signed and taken absolute after slicing.
+# "vector", whose slice sum is signed and taken absolute after slicing. Each makes
+# one new tensor of the weight's size (two for mix) and works in place on it: the
+# Taylor hooks run one per parameter, and their temporaries are the pass's peak.
 ElementSalience = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 _SALIENCE: dict[tuple[str, str], ElementSalience] = {
     ("l1", ""): lambda w, g, f: w.abs(),
     ("l2", ""): lambda w, g, f: w.pow(2),
-    ("taylor", "element1"): lambda w, g, f: (w * g).abs(),
-    ("taylor", "element2"): lambda w, g, f: (0.5 * w * f * w).abs(),
-    ("taylor", "mix"): lambda w, g, f: (-w * g + 0.5 * w * f * w).abs(),
+    ("taylor", "element1"): lambda w, g, f: (w * g).abs_(),
+    ("taylor", "element2"): lambda w, g, f: (w * w).mul_(f).mul_(0.5).abs_(),
+    ("taylor", "mix"): lambda w, g, f: (w * w).mul_(f).mul_(0.5).sub_(w * g).abs_(),
     ("taylor", "vector"): lambda w, g, f: w * g,
 }
 
@@ -89,15 +91,15 @@ class Slice:
 
 
 def slice_scores(item: Slice, salience: ElementSalience, signed_then_abs: bool,
-                 grads: dict[nn.Parameter, torch.Tensor], fisher: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
-    """Per-group score of one module slice: shape (groups,)."""
-    w = item.param.detach()
-    s = salience(w, grads.get(item.param), fisher.get(item.param))
-    if s.dim() == 1:  # a bias: one value per output row
-        s = s.unsqueeze(1)
-    moved = s if item.axis == 0 else s.transpose(0, 1)
-    per_group = moved.reshape(-1, item.span, moved.shape[-1]).sum(dim=(1, 2))
-    return per_group.abs() if signed_then_abs else per_group
+                 grad: torch.Tensor | None = None, fisher: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group score of one module slice, float32: shape (groups,). `grad` and
+    `fisher` are the slice parameter's gradient and Fisher term (Taylor only)."""
+    s = salience(item.param.detach(), grad, fisher)
+    wide = torch.promote_types(s.dtype, torch.float32)  # bf16 sums would drop small groups' mass
+    # the axis that does not index groups is summed first: no transposed copy
+    per_index = s.sum(dim=1 - item.axis, dtype=wide) if s.dim() == 2 else s.to(wide)  # a bias: one per output row
+    per_group = per_index.reshape(-1, item.span).sum(dim=1)
+    return (per_group.abs() if signed_then_abs else per_group).float()
 
 
 def aggregate(scores: list[torch.Tensor], how: str) -> torch.Tensor:
@@ -128,12 +130,13 @@ def mlp_slices(mlp: nn.Module) -> list[Slice]:
     return [Slice(mlp.gate_proj.weight, 0, 1), Slice(mlp.up_proj.weight, 0, 1), Slice(mlp.down_proj.weight, 1, 1)]
 
 
-def group_scores(slices: list[Slice], criterion: Criterion, n_groups: int, generator: torch.Generator,
-                 grads: dict[nn.Parameter, torch.Tensor], fisher: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
-    """Importance of each of a layer block's `n_groups` groups (higher = keep)."""
+def group_scores(slices: list[Slice], criterion: Criterion, n_groups: int, generator: torch.Generator) -> torch.Tensor:
+    """Importance of each of a layer block's `n_groups` groups (higher = keep) by a
+    criterion that reads only the weights; Taylor's needs the calibration gradients
+    (calibration.taylor_group_scores)."""
+    if criterion.needs_gradients:
+        raise ValueError("taylor scores come from calibration.taylor_group_scores")
     if criterion.method == "random":
         return torch.rand(n_groups, generator=generator)
     salience = salience_fn(criterion)
-    vector = criterion.method == "taylor" and criterion.variant == "vector"
-    scores = [slice_scores(s, salience, vector, grads, fisher).float() for s in slices]
-    return aggregate(scores, criterion.aggregation)
+    return aggregate([slice_scores(s, salience, False) for s in slices], criterion.aggregation)

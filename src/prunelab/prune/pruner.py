@@ -19,7 +19,7 @@ import torch
 
 from prunelab.errors import InvalidArgument
 from prunelab.models import LlamaFamilyAdapter
-from prunelab.prune.calibration import calibration_windows, taylor_gradients
+from prunelab.prune.calibration import calibration_windows, taylor_group_scores
 from prunelab.prune.correction import GramAccumulator, refit_kept_columns
 from prunelab.prune.importance import CRITERIA, Criterion, Slice, attention_slices, group_scores, mlp_slices
 from prunelab.prune.layers import DEFAULT_LAYERS, parse_layer_range
@@ -316,36 +316,32 @@ class BlockPruner(_Pruner):
         """Scores per block, and the input Grams of `gram_targets` for the correction."""
         s = self.settings
         slices = self._block_slices()
-        grads, fisher, grams = self._calibration_pass(slices, gram_targets)
+        scores, grams = self._calibration_pass(slices, gram_targets)
         self.progress("importance", 0.4, f"scoring {len(slices)} blocks by {s.method}")
+        if s.criterion.needs_gradients:
+            return scores, grams
         widths = self.adapter.layer_widths()
-        scores = {}
         for (i, kind), group in slices.items():
             n = widths[i].num_key_value_heads if kind == "kv_groups" else widths[i].intermediate_size
-            scores[(i, kind)] = group_scores(group, s.criterion, n, self.generator, grads, fisher)
+            scores[(i, kind)] = group_scores(group, s.criterion, n, self.generator)
         return scores, grams
 
-    def _calibration_pass(self, slices: dict[tuple[int, str], list[Slice]], gram_targets: list[torch.nn.Linear]) -> tuple[dict, dict, dict]:
-        """Gradients (Taylor) and Grams (correction) from the calibration windows. The
-        Grams ride along the Taylor pass when there is one: one pass over the unpruned
-        model serves both, else a no-grad pass of the decoder alone collects them."""
+    def _calibration_pass(self, slices: dict[tuple[int, str], list[Slice]], gram_targets: list[torch.nn.Linear]) -> tuple[dict, dict]:
+        """Taylor scores (gradient hooks, calibration.py) and Grams (correction) from
+        the calibration windows. The Grams take a no-grad pass of the decoder alone,
+        after the Taylor pass, so its activations and the Grams are never alive at once."""
         s = self.settings
         criterion = s.criterion
         if not (criterion.needs_gradients or gram_targets):
-            return {}, {}, {}
+            return {}, {}
         self.progress("calibrate", 0.1, f"{s.samples} windows of {s.seq_len} tokens from {s.calibration}")
         windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed).to(self.model.device)
+        scores = taylor_group_scores(self.model, slices, windows, criterion) if criterion.needs_gradients else {}
         accumulator = GramAccumulator()
-        grads, fisher = {}, {}
-        with accumulator.watching(gram_targets):
-            if criterion.needs_gradients:
-                params = [sl.param for group in slices.values() for sl in group]
-                grads, fisher = taylor_gradients(self.model, params, windows, fisher=criterion.needs_fisher,
-                                                 around_batch_pass=accumulator.recording)
-            else:
-                with torch.no_grad(), accumulator.recording():
-                    self.model.get_decoder()(input_ids=windows, use_cache=False)  # logits are not needed
-        return grads, fisher, accumulator.grams
+        if gram_targets:
+            with accumulator.watching(gram_targets), accumulator.recording(), torch.no_grad():
+                self.model.get_decoder()(input_ids=windows, use_cache=False)  # logits are not needed
+        return scores, accumulator.grams
 
     @torch.no_grad()
     def _apply(self, kept: dict[int, dict[str, list[int]]], grams: dict) -> None:
@@ -467,13 +463,11 @@ class ChannelPruner(_Pruner):
 
     def _scores(self, slices: list[Slice]) -> torch.Tensor:
         s = self.settings
-        grads, fisher = {}, {}
-        if s.criterion.needs_gradients:
-            windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed)
-            grads, fisher = taylor_gradients(self.model, [sl.param for sl in slices], windows.to(self.model.device),
-                                             fisher=s.criterion.needs_fisher)
         self.progress("importance", 0.5, f"scoring {self.adapter.hidden_size} hidden channels by {s.method}")
-        return group_scores(slices, s.criterion, self.adapter.hidden_size, self.generator, grads, fisher)
+        if not s.criterion.needs_gradients:
+            return group_scores(slices, s.criterion, self.adapter.hidden_size, self.generator)
+        windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed).to(self.model.device)
+        return taylor_group_scores(self.model, {"hidden": slices}, windows, s.criterion)["hidden"]
 
 
 class SparseJob(_Pruner):
