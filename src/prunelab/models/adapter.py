@@ -187,6 +187,23 @@ class LlamaFamilyAdapter:
             _keep_inputs(lm_head, kept)
         self._sync_config()
 
+    def keep_layers(self, layers: Sequence[int]) -> None:
+        """Keep the listed decoder layers, in their order, and drop the rest (depth
+        pruning). The kept attention modules are renumbered 0..n-1, since the KV cache
+        holds one slot per `layer_idx`; the config's layer count and per-layer lists
+        (layer_types: sliding or full attention) shrink with them, so the stock
+        config describes the model and `from_pretrained` rebuilds it."""
+        kept = self._indices("layers", layers, self.num_layers).tolist()
+        self.decoder.layers = nn.ModuleList(self.layers[i] for i in kept)
+        self.layers = self.decoder.layers
+        for new_index, block in enumerate(self.layers):
+            block.self_attn.layer_idx = new_index
+        config = self.model.config
+        config.num_hidden_layers = len(kept)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[i] for i in kept]
+        self._sync_config()  # per-layer widths (our config classes) follow the kept layers
+
     def _keep_layer_hidden_channels(self, layer: int, kept: torch.Tensor) -> None:
         block = self.layers[layer]
         proj = self.projections(layer)
