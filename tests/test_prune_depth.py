@@ -213,7 +213,7 @@ def wikitext_perplexity(model, tokenizer, text: str, seq_len: int = 128, windows
     return math.exp(torch.stack(losses).mean().item())
 
 
-@pytest.mark.slow  # about a minute on 2 shared cores: two prunes and evaluations of the real model
+@pytest.mark.slow  # 1-3 minutes on 2 shared cores: two prunes and evaluations of the real model
 def test_block_influence_beats_dropping_the_last_layers_on_smollm2(shared_data):
     """SmolLM2-135M, 8 of 30 layers (21 % of the model), PTB calibration, WikiText-2
     validation text: ShortGPT's choice is far better than the last layers (measured
