@@ -55,7 +55,7 @@ def settings(method: str, variant: str = "", aggregation: str = "sum") -> PruneS
 
 
 def pruner_scores(model, tokenizer, prune_settings: PruneSettings) -> dict[tuple[int, str], torch.Tensor]:
-    scores, _grams = BlockPruner(model, tokenizer, prune_settings, TEXT)._importance([])
+    scores = BlockPruner(model, tokenizer, prune_settings, TEXT)._importance()
     return scores
 
 

@@ -39,14 +39,21 @@ DAMPING = 1.0
 
 class GramAccumulator:
     """Sums x^T x of the inputs of chosen Linear modules (or, `diagonal_only`, only
-    its diagonal: each input column's squared norm). Hooks stay attached while
+    its diagonal: each input column's squared norm), and each column's plain sum
+    (for means and variances). With `folds` > 1 the forward calls are dealt round
+    robin into that many separate sums as well (`fold_grams`), so a choice can be
+    fitted on some calls and checked on the others. Hooks stay attached while
     `watching`, but only passes run inside `recording()` count, so a caller can
     share one forward pass (e.g. the Taylor pass) and skip others."""
 
-    def __init__(self, diagonal_only: bool = False) -> None:
+    def __init__(self, diagonal_only: bool = False, folds: int = 1) -> None:
         self.diagonal_only = diagonal_only
+        self.folds = folds
         self.grams: dict[nn.Linear, torch.Tensor] = {}
+        self.fold_grams: dict[nn.Linear, list[torch.Tensor]] = {}
+        self.sums: dict[nn.Linear, torch.Tensor] = {}
         self.tokens: dict[nn.Linear, int] = {}
+        self._calls: dict[nn.Linear, int] = {}
         self._recording = False
 
     def hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
@@ -55,8 +62,18 @@ class GramAccumulator:
         # float32 sums are exact enough for a damped solve and twice as fast as float64 on CPU
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, d)
         gram = x.pow(2).sum(0) if self.diagonal_only else x.T @ x
-        self.grams[module] = self.grams[module] + gram if module in self.grams else gram
+        _add(self.grams, module, gram)
+        _add(self.sums, module, x.sum(0))
         self.tokens[module] = self.tokens.get(module, 0) + x.shape[0]
+        if self.folds > 1:
+            call = self._calls.get(module, 0)
+            self._calls[module] = call + 1
+            folds = self.fold_grams.setdefault(module, [torch.zeros_like(gram) for _ in range(self.folds)])
+            folds[call % self.folds] += gram
+
+    def release(self, module: nn.Linear) -> None:
+        for store in (self.grams, self.fold_grams, self.sums):
+            store.pop(module, None)
 
     @contextmanager
     def watching(self, modules: list[nn.Linear]) -> Iterator[GramAccumulator]:
@@ -76,6 +93,10 @@ class GramAccumulator:
             self._recording = False
 
 
+def _add(store: dict[nn.Linear, torch.Tensor], module: nn.Linear, value: torch.Tensor) -> None:
+    store[module] = store[module] + value if module in store else value
+
+
 def refit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """New weight (out, len(kept)) for a projection whose input keeps only `kept`
     columns, given the unpruned weight (out, d) and the input Gram matrix (d, d)."""
@@ -91,3 +112,36 @@ def refit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Ten
     # g_kk is symmetric positive definite, so a Cholesky solve: X g_kk = carried
     shift = torch.cholesky_solve(carried.T, torch.linalg.cholesky(g_kk)).T
     return (w[:, kept] + shift).to(weight.dtype)
+
+
+# The ridge of the layer-by-layer refit is measured per projection, not hand-set:
+# each candidate is fitted on one half of the calibration batches and scored by
+# its reconstruction error on the other half (and the other way round); the one
+# with the lowest held-out error is then refit on all of them.
+DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def heldout_error(new_weight: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> float:
+    """||x_K W'^T - x W^T||^2 on the tokens whose Gram is `gram`, up to a constant
+    (the unpruned output's energy, the same for every candidate)."""
+    w_new = new_weight.float()
+    fitted = (w_new @ gram[kept][:, kept] * w_new).sum()
+    cross = (w_new @ gram[kept, :] * weight.float()).sum()
+    return float(fitted - 2 * cross)
+
+
+def measured_damping(weight: torch.Tensor, folds: list[torch.Tensor], kept: torch.Tensor) -> float:
+    """The DAMPING_GRID value whose refit reconstructs held-out folds best."""
+    def error(damping: float) -> float:
+        return sum(
+            heldout_error(refit_kept_columns(weight, fit, kept, damping), weight, check, kept)
+            for i, fit in enumerate(folds) for j, check in enumerate(folds) if i != j
+        )
+    return min(DAMPING_GRID, key=error)
+
+
+def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias: what the removed input columns added on average, W_R E[x_R] (out,)."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    removed[kept] = False
+    return (weight.float()[:, removed] @ mean.float()[removed]).to(weight.dtype)

@@ -20,7 +20,6 @@ import torch
 from prunelab.errors import InvalidArgument
 from prunelab.models import LlamaFamilyAdapter
 from prunelab.prune.calibration import calibration_windows, taylor_group_scores
-from prunelab.prune.correction import GramAccumulator, refit_kept_columns
 from prunelab.prune.importance import CRITERIA, Criterion, Slice, attention_slices, group_scores, mlp_slices
 from prunelab.prune.layers import DEFAULT_LAYERS, parse_layer_range
 from prunelab.prune.sparse import (
@@ -31,6 +30,14 @@ from prunelab.prune.sparse import (
     Pattern,
     SparsePruner,
     linear_weight_counts,
+)
+from prunelab.prune.structured import (
+    ACTIVATION_CRITERIA,
+    activation_scores,
+    adaptive_plan,
+    bias_params_to_add,
+    prune_sequentially,
+    unit_scores,
 )
 from prunelab.prune.targets import (
     SEMANTICS,
@@ -48,7 +55,8 @@ MODES = ("block", "channel", "depth")
 ALLOCATIONS = ("uniform", "global", "adaptive")
 DEPTH_CRITERIA = ("block-influence", "angular", "last")
 CORRECTIONS = ("refit", "bias", "none")
-METHODS = CRITERIA + SPARSE_METHODS
+STRUCTURED_METHODS = CRITERIA + ACTIVATION_CRITERIA
+METHODS = STRUCTURED_METHODS + SPARSE_METHODS
 SPARSITY = "sparsity"  # the sparse methods' semantics: share of the decoder's linear weights set to zero
 
 Progress = Callable[[str, float, str], None]  # (phase, fraction of the whole job, message)
@@ -64,7 +72,14 @@ def no_progress(_phase: str, _fraction: float, _message: str) -> None:
 _LLM_PRUNER = {"allocation": "uniform", "attn_layers": DEFAULT_LAYERS, "mlp_layers": DEFAULT_LAYERS,
                "calibration": "wikitext2", "samples": 10, "seq_len": 64, "correction": "refit",
                "correction_samples": 10, "correction_seq_len": 64}
-RECIPES: dict[str, dict] = {method: _LLM_PRUNER for method in CRITERIA + SPARSE_METHODS}
+# FLAP's: every layer, allocation across layers, bias compensation; calibration at
+# FLAP's window length (128 tokens), 128 windows rather than its 1024 (CPU time).
+_FLAP = {"allocation": "adaptive", "attn_layers": "0:", "mlp_layers": "0:", "calibration": "wikitext2",
+         "samples": 128, "seq_len": 128, "correction": "bias", "correction_samples": 128, "correction_seq_len": 128}
+RECIPES: dict[str, dict] = {
+    **{method: _LLM_PRUNER for method in CRITERIA + SPARSE_METHODS},
+    **{method: _FLAP for method in ACTIVATION_CRITERIA},
+}
 # No method named: prunelab's best structured configuration, chosen by bench/prune.py.
 BEST = {"method": "taylor", **RECIPES["taylor"]}
 
@@ -119,7 +134,7 @@ class PruneSettings:
         check_ratio(self.ratio)
         if self.method not in METHODS:
             raise InvalidArgument(
-                f"unknown method {self.method!r}; choose one of {', '.join(CRITERIA)} (structured) "
+                f"unknown method {self.method!r}; choose one of {', '.join(STRUCTURED_METHODS)} (structured) "
                 f"or {', '.join(SPARSE_METHODS)} (sparse)", field="method")
         if self.sparse:
             self._validate_sparse()
@@ -133,7 +148,8 @@ class PruneSettings:
                 raise InvalidArgument(f"{name} must be 0 (the default) or positive, got {getattr(self, name)}", field=name)
 
     def _validate_structured(self) -> None:
-        _ = self.criterion  # building it raises on an unknown variant or aggregation
+        if self.method in CRITERIA:
+            _ = self.criterion  # building it raises on an unknown variant or aggregation
         for name, value, allowed in (
             ("semantics", self.semantics, SEMANTICS),
             ("mode", self.mode, MODES),
@@ -146,6 +162,18 @@ class PruneSettings:
         if self.pattern:
             raise InvalidArgument(f"pattern applies to the sparse methods ({', '.join(SPARSE_METHODS)}); "
                                   f"{self.method} removes whole heads and channels", field="pattern")
+        if self.mode == "depth":
+            self._validate_depth()
+        if self.mode == "channel" and self.method not in CRITERIA:
+            raise InvalidArgument(f"mode channel scores hidden channels by weights or gradients ({', '.join(CRITERIA)}); "
+                                  f"{self.method} scores o_proj/down_proj inputs: use mode block", field="mode")
+
+    def _validate_depth(self) -> None:
+        # Whole layers go, so only the whole model's share is meaningful; allocation,
+        # layer ranges and correction do not apply and are ignored.
+        if self.semantics != "params_ratio":
+            raise InvalidArgument(f"mode depth removes whole layers: its ratio is the share of the whole model's "
+                                  f"parameters (semantics params_ratio), not {self.semantics}", field="semantics")
 
     def _validate_sparse(self) -> None:
         pattern = Pattern.parse(self.pattern)
@@ -183,6 +211,10 @@ class PruneSettings:
     def needs_calibration_text(self) -> bool:
         if self.sparse:
             return self.method != "magnitude" or self.allocation == "owl"
+        if self.mode == "depth":
+            return self.depth_criterion != "last"
+        if self.method in ACTIVATION_CRITERIA:
+            return True
         return self.criterion.needs_gradients or (self.correction != "none" and self.mode == "block")
 
 
@@ -252,7 +284,9 @@ class _Pruner:
 
 
 class BlockPruner(_Pruner):
-    """Block-wise pruning of one loaded model, in place."""
+    """Block-wise pruning of one loaded model, in place: score the KV groups and MLP
+    channels, plan how many go per layer, then remove them layer by layer with the
+    correction (structured.py)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -265,11 +299,12 @@ class BlockPruner(_Pruner):
         params_before = self.adapter.num_parameters()
         shapes = layer_shapes(self.adapter)
         plan = self._plan(shapes, params_before)  # fails fast, before any heavy work
-        scores, grams = self._timed("importance", self._importance, self._correction_targets(plan))
+        scores = self._timed("importance", self._importance)
         if s.allocation == "global":
             plan = global_plan(scores, shapes, plan.removed_params(shapes), self.attn_layers, self.mlp_layers)
-        kept = choose_kept(scores, plan, shapes)
-        self._timed("prune", self._apply, kept, grams)
+        elif s.allocation == "adaptive":
+            plan = adaptive_plan(scores, shapes, plan.removed_params(shapes))
+        kept = self._timed("prune", self._remove, plan, scores)
         params_after = self.adapter.num_parameters()
         ratio_got = 1 - params_after / params_before
         if s.semantics == "params_ratio" and abs(ratio_got - s.ratio) > TOLERANCE + 1e-9:
@@ -290,7 +325,10 @@ class BlockPruner(_Pruner):
         s = self.settings
         if s.semantics == "layer_ratio":
             return layer_ratio_plan(shapes, self.attn_layers, self.mlp_layers, s.ratio, self.adapter.head_dim)
-        return params_ratio_plan(shapes, self.attn_layers, self.mlp_layers, s.ratio, params_before)
+        ratio = s.ratio
+        if s.correction == "bias":  # the biases it adds are parameters too: remove as many more
+            ratio += bias_params_to_add(self.adapter, bool(self.attn_layers), bool(self.mlp_layers)) / params_before
+        return params_ratio_plan(shapes, self.attn_layers, self.mlp_layers, ratio, params_before)
 
     def _block_slices(self) -> dict[tuple[int, str], list[Slice]]:
         widths = self.adapter.layer_widths()
@@ -303,75 +341,56 @@ class BlockPruner(_Pruner):
             slices[(i, "mlp_channels")] = mlp_slices(self.adapter.layers[i].mlp)
         return slices
 
-    def _correction_targets(self, plan: RemovalPlan) -> list[torch.nn.Linear]:
-        """The o_proj / down_proj whose inputs may lose channels: their input Grams
-        feed the correction. With global allocation any allowed layer may lose some."""
-        if self.settings.correction == "none":
-            return []
-        anywhere = self.settings.allocation == "global"
-        targets = [self.adapter.projections(i).o for i in self.attn_layers if anywhere or plan.kv_groups[i]]
-        return targets + [self.adapter.projections(i).down for i in self.mlp_layers if anywhere or plan.mlp_channels[i]]
-
-    def _importance(self, gram_targets: list[torch.nn.Linear]) -> tuple[dict[tuple[int, str], torch.Tensor], dict]:
-        """Scores per block, and the input Grams of `gram_targets` for the correction."""
+    def _importance(self) -> dict[tuple[int, str], torch.Tensor]:
+        """Scores per block of the unpruned model. Activation criteria need them only to
+        allocate across layers; with a uniform plan they score on the pruned model's
+        inputs during removal instead."""
         s = self.settings
         slices = self._block_slices()
-        scores, grams = self._calibration_pass(slices, gram_targets)
-        self.progress("importance", 0.4, f"scoring {len(slices)} blocks by {s.method}")
+        by_activation = s.method in ACTIVATION_CRITERIA
+        if by_activation and s.allocation == "uniform":
+            return {}
+        windows = self._windows(s.samples, s.seq_len, 0.05) if by_activation or s.criterion.needs_gradients else None
+        self.progress("importance", 0.1, f"scoring {len(slices)} blocks by {s.method}")
+        if by_activation:
+            return activation_scores(self.model, windows, s.method, list(slices))
         if s.criterion.needs_gradients:
-            return scores, grams
+            return taylor_group_scores(self.model, slices, windows, s.criterion)
         widths = self.adapter.layer_widths()
-        for (i, kind), group in slices.items():
-            n = widths[i].num_key_value_heads if kind == "kv_groups" else widths[i].intermediate_size
-            scores[(i, kind)] = group_scores(group, s.criterion, n, self.generator)
-        return scores, grams
+        return {
+            (i, kind): group_scores(group, s.criterion, widths[i].num_key_value_heads if kind == "kv_groups"
+                                    else widths[i].intermediate_size, self.generator)
+            for (i, kind), group in slices.items()
+        }
 
-    def _calibration_pass(self, slices: dict[tuple[int, str], list[Slice]], gram_targets: list[torch.nn.Linear]) -> tuple[dict, dict]:
-        """Taylor scores (gradient hooks, calibration.py) and Grams (correction) from
-        the calibration windows. The Grams take a no-grad pass of the decoder alone,
-        after the Taylor pass, so its activations and the Grams are never alive at once."""
+    def _windows(self, samples: int, seq_len: int, fraction: float) -> torch.Tensor:
+        self.progress("calibrate", fraction, f"{samples} windows of {seq_len} tokens from {self.settings.calibration}")
+        return calibration_windows(self.tokenizer, self.text, samples, seq_len, self.settings.seed).to(self.model.device)
+
+    def _remove(self, plan: RemovalPlan, scores: dict[tuple[int, str], torch.Tensor]) -> dict[int, dict[str, list[int]]]:
+        """Remove the planned units. Layer by layer on the correction windows when the
+        correction or an activation criterion needs the pruned model's activations;
+        else straight from the scores."""
         s = self.settings
-        criterion = s.criterion
-        if not (criterion.needs_gradients or gram_targets):
-            return {}, {}
-        self.progress("calibrate", 0.1, f"{s.samples} windows of {s.seq_len} tokens from {s.calibration}")
-        windows = calibration_windows(self.tokenizer, self.text, s.samples, s.seq_len, s.seed).to(self.model.device)
-        scores = taylor_group_scores(self.model, slices, windows, criterion) if criterion.needs_gradients else {}
-        accumulator = GramAccumulator()
-        if gram_targets:
-            with accumulator.watching(gram_targets), accumulator.recording(), torch.no_grad():
-                self.model.get_decoder()(input_ids=windows, use_cache=False)  # logits are not needed
-        return scores, accumulator.grams
+        by_activation = s.method in ACTIVATION_CRITERIA
+        if s.correction == "none" and not by_activation:
+            self.progress("prune", 0.6, "removing groups and channels")
+            kept = choose_kept(scores, plan, layer_shapes(self.adapter))
+            for i, k in kept.items():
+                if "kv_groups" in k:
+                    self.adapter.keep_kv_groups(i, k["kv_groups"])
+                if "mlp_channels" in k:
+                    self.adapter.keep_mlp_channels(i, k["mlp_channels"])
+            return kept
 
-    @torch.no_grad()
-    def _apply(self, kept: dict[int, dict[str, list[int]]], grams: dict) -> None:
-        self.progress("prune", 0.85, "removing groups and channels")
-        head_dim = self.adapter.head_dim
-        for i, k in kept.items():
-            proj = self.adapter.projections(i)
-            widths = self.adapter.layer_widths()[i]
-            if "kv_groups" in k:
-                per_group = widths.num_attention_heads // widths.num_key_value_heads
-                columns = _expand(_expand(torch.tensor(k["kv_groups"]), per_group), head_dim)
-                refit = _refit(proj.o, grams, columns)
-                self.adapter.keep_kv_groups(i, k["kv_groups"])
-                if refit is not None:
-                    proj.o.weight.copy_(refit)
-            if "mlp_channels" in k:
-                refit = _refit(proj.down, grams, torch.tensor(k["mlp_channels"]))
-                self.adapter.keep_mlp_channels(i, k["mlp_channels"])
-                if refit is not None:
-                    proj.down.weight.copy_(refit)
+        def score(key, weight, stats, name, span):
+            return unit_scores(s.method, weight, stats, name, span) if by_activation else scores[key]
 
+        def layer_done(index: int, layers: int) -> None:
+            self.progress("prune", 0.3 + 0.55 * (index + 1) / layers, f"{s.correction} correction: layer {index + 1}/{layers}")
 
-def _refit(linear: torch.nn.Linear, grams: dict, kept_columns: torch.Tensor) -> torch.Tensor | None:
-    gram = grams.get(linear)
-    return None if gram is None else refit_kept_columns(linear.weight.detach(), gram, kept_columns)
-
-
-def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
-    """Unit indices -> the indices of their `width` consecutive rows."""
-    return (units.unsqueeze(1) * width + torch.arange(width)).reshape(-1)
+        windows = self._windows(s.correction_samples, s.correction_seq_len, 0.3)
+        return prune_sequentially(self.model, windows, plan, score, s.correction, layer_done)
 
 
 def choose_kept(scores: dict[tuple[int, str], torch.Tensor], plan: RemovalPlan, shapes: list[LayerShape]) -> dict[int, dict[str, list[int]]]:

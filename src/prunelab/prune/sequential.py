@@ -51,9 +51,9 @@ class LayerStatistics:
     the model's dtype. q/k/v (and gate/up) read one input, so share one statistic,
     freed when the last of them is released."""
 
-    def __init__(self, linears: dict[str, nn.Linear], gram: bool):
+    def __init__(self, linears: dict[str, nn.Linear], gram: bool, folds: int = 1):
         self.linears = linears
-        self._accumulator = GramAccumulator(diagonal_only=not gram)
+        self._accumulator = GramAccumulator(diagonal_only=not gram, folds=folds)
         self._owner = {name: SHARED_INPUT[name] if SHARED_INPUT.get(name) in linears else name for name in linears}
         self._readers = {owner: list(self._owner.values()).count(owner) for owner in set(self._owner.values())}
 
@@ -61,11 +61,23 @@ class LayerStatistics:
         """The Gram matrix (d, d) or the squared column norms (d,) of linear `name`."""
         return self._accumulator.grams[self.linears[self._owner[name]]]
 
+    def mean(self, name: str) -> torch.Tensor:
+        """Each input column's mean over the calibration tokens (d,)."""
+        linear = self.linears[self._owner[name]]
+        return self._accumulator.sums[linear] / self._accumulator.tokens[linear]
+
+    def tokens(self, name: str) -> int:
+        return self._accumulator.tokens[self.linears[self._owner[name]]]
+
+    def folds(self, name: str) -> list[torch.Tensor]:
+        """The statistic of `name` split by forward call into the `folds` asked for."""
+        return self._accumulator.fold_grams[self.linears[self._owner[name]]]
+
     def release(self, name: str) -> None:
         owner = self._owner[name]
         self._readers[owner] -= 1
         if self._readers[owner] == 0:
-            del self._accumulator.grams[self.linears[owner]]
+            self._accumulator.release(self.linears[owner])
 
     @contextmanager
     def recording(self) -> Iterator[LayerStatistics]:
@@ -85,9 +97,9 @@ class LayerPass:
         self.inputs = inputs
 
     @torch.no_grad()
-    def statistics(self, linears: dict[str, nn.Linear], *, gram: bool) -> LayerStatistics:
+    def statistics(self, linears: dict[str, nn.Linear], *, gram: bool, folds: int = 1) -> LayerStatistics:
         """Statistics of `linears` (modules of this layer) on this layer's inputs."""
-        stats = LayerStatistics(linears, gram)
+        stats = LayerStatistics(linears, gram, folds)
         with stats.recording():
             for _ in self._outputs():
                 pass
