@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -227,13 +229,31 @@ def _load_checkpoint(
     try:
         # trust_remote_code stays off: our own per-layer classes are registered below,
         # and code shipped inside a checkpoint is never run.
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, device_map=device, use_safetensors=True, trust_remote_code=False
-        )
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model = model_class.from_pretrained(None, config=config, state_dict=_read_weights(directory), dtype=dtype,
+                                            device_map=device)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, KeyError) as error:
         raise FailedPrecondition(f"{directory} could not be loaded: {error}", field="model") from None
+    model.config.name_or_path = str(directory)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     return model, tokenizer
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors files, read (pread) into this
+    process's own memory. from_pretrained would map the files instead, and a
+    mapped file's pages stay resident, counted in RSS, until every tensor read from
+    it is gone: each weight a pruner replaces would cost its new copy on top of the
+    old pages, up to the original model's size again. Read here, a replaced
+    weight's memory goes back at once; the model's tensors are these (no copy)."""
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt", backend="pread") as file:
+            weights.update({name: file.get_tensor(name) for name in file.keys()})
+    return weights
 
 
 def _refuse_pickled_weights(directory: Path) -> None:
