@@ -66,10 +66,20 @@ class GramAccumulator:
         _add(self.sums, module, x.sum(0))
         self.tokens[module] = self.tokens.get(module, 0) + x.shape[0]
         if self.folds > 1:
-            call = self._calls.get(module, 0)
-            self._calls[module] = call + 1
-            folds = self.fold_grams.setdefault(module, [torch.zeros_like(gram) for _ in range(self.folds)])
-            folds[call % self.folds] += gram
+            self._add_to_folds(module, inputs[0].detach())
+
+    def _add_to_folds(self, module: nn.Linear, inputs: torch.Tensor) -> None:
+        """Whole windows are dealt round robin into the folds (tokens of one window
+        are alike, so splitting inside a window would not hold anything out)."""
+        windows = inputs.reshape(-1, *inputs.shape[-2:]) if inputs.dim() > 2 else inputs.unsqueeze(0)
+        first = self._calls.get(module, 0)
+        self._calls[module] = first + windows.shape[0]
+        folds = self.fold_grams.setdefault(module, None) or [None] * self.folds
+        for offset in range(self.folds):
+            part = windows[(offset - first) % self.folds :: self.folds].reshape(-1, windows.shape[-1]).float()
+            gram = part.pow(2).sum(0) if self.diagonal_only else part.T @ part
+            folds[offset] = gram if folds[offset] is None else folds[offset] + gram
+        self.fold_grams[module] = folds
 
     def release(self, module: nn.Linear) -> None:
         for store in (self.grams, self.fold_grams, self.sums):
@@ -131,13 +141,24 @@ def heldout_error(new_weight: torch.Tensor, weight: torch.Tensor, gram: torch.Te
 
 
 def measured_damping(weight: torch.Tensor, folds: list[torch.Tensor], kept: torch.Tensor) -> float:
-    """The DAMPING_GRID value whose refit reconstructs held-out folds best."""
-    def error(damping: float) -> float:
-        return sum(
-            heldout_error(refit_kept_columns(weight, fit, kept, damping), weight, check, kept)
-            for i, fit in enumerate(folds) for j, check in enumerate(folds) if i != j
-        )
-    return min(DAMPING_GRID, key=error)
+    """The DAMPING_GRID value whose refit reconstructs held-out folds best: each fold
+    is fitted in turn and the others score it. One eigendecomposition per fold serves
+    every candidate ridge. Folds without tokens leave nothing to measure: DAMPING."""
+    if any(not fold.any() for fold in folds):
+        return DAMPING
+    w = weight.float()
+    removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    removed[kept] = False
+    errors = torch.zeros(len(DAMPING_GRID), dtype=torch.float64)
+    for i, fit in enumerate(folds):
+        fit = fit.float()
+        eigenvalues, vectors = torch.linalg.eigh(fit[kept][:, kept])
+        carried = (w[:, removed] @ fit[removed][:, kept]) @ vectors  # W_R G[R, K] in the eigenbasis
+        scale = torch.diagonal(fit).mean().clamp_min(1e-12)
+        for k, damping in enumerate(DAMPING_GRID):
+            new_weight = w[:, kept] + (carried / (eigenvalues + damping * scale)) @ vectors.T
+            errors[k] += sum(heldout_error(new_weight, w, check.float(), kept) for j, check in enumerate(folds) if j != i)
+    return DAMPING_GRID[int(torch.argmin(errors))]
 
 
 def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
