@@ -13,6 +13,7 @@ from prunelab.cli import main as cli_main
 from prunelab.errors import InvalidArgument
 from prunelab.orchestrate.graph import EVALUATE, PROFILE, PRUNE, TUNE, expand
 from prunelab.orchestrate.study import load_study, parse_study
+from prunelab.prune.pruner import BEST
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = Path(__file__).parent / "fixtures" / "studies"
@@ -40,7 +41,8 @@ def error_lines(text: str) -> list[str]:
     ("changes", "expected"),
     [
         ({"pruning": {"methods": ["taylor", "wandda"], "ratios": [0.2]}},
-         "examples/bad.yaml: pruning.methods[1]: unknown method 'wandda'; allowed: taylor, l1, l2, random, magnitude, wanda, sparsegpt"),
+         "examples/bad.yaml: pruning.methods[1]: unknown method 'wandda'; allowed: best, taylor, l1, l2, random, flap, wanda-sp, "
+         "magnitude, wanda, sparsegpt"),
         ({"pruning": [{"methods": ["l2"], "ratios": [0.2]}, {"methods": ["l2"], "ratios": [1.0]}]},
          "examples/bad.yaml: pruning[1].ratios[0]: ratio must be in (0, 1), got 1.0"),
         ({"pruning": {"methods": ["l2"], "ratios": [0.2], "semantics": ["layers"]}},
@@ -101,12 +103,16 @@ def test_the_default_study_is_the_promised_grid():
     study = load_study(REPO / "examples" / "smollm2.yaml")
     jobs = expand(study, frozenset(study.evaluation.tasks))  # no task data imported
     pruned = {job.key for job in jobs if job.kind == PRUNE}
-    assert pruned == {"prune taylor 20%", "prune taylor 50%", "prune l2 20%", "prune random 20%", "prune wanda 50%",
-                      "prune sparsegpt 50%"}
+    assert pruned == {"prune best 20%", "prune best 50%", "prune taylor 20%", "prune taylor 50%", "prune random 20%",
+                      "prune wanda 50%", "prune sparsegpt 50%"}
+    best = next(job.inputs for job in jobs if job.key == "prune best 20%")
+    assert {k: best[k] for k in ("method", "allocation", "calibration", "calibration_split", "correction_method")} == {
+        k: v for k, v in zip(("method", "allocation", "calibration", "calibration_split", "correction_method"),
+                             (BEST["method"], BEST["allocation"], BEST["calibration"], "train", BEST["correction"]), strict=True)}
     sparse = [job.inputs for job in jobs if job.kind == PRUNE and job.inputs["method"] in ("wanda", "sparsegpt")]
     assert all(i["semantics"] == "sparsity" and i["pattern"] == "unstructured" and i["calibration"] == "ptb" for i in sparse)
     assert [job.key for job in jobs if job.kind == TUNE] == ["tune taylor 20% +LoRA"]
-    assert sum(job.kind == PROFILE for job in jobs) == 8  # base, six pruned, one tuned
+    assert sum(job.kind == PROFILE for job in jobs) == 9  # base, seven pruned, one tuned
 
 
 def test_the_tinyllama_study_reproduces_the_grid_in_both_semantics():

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="registered name (smollm2-135m), checkpoint dir, .gguf, artifact:// URI or hub id")
     parser.add_argument("--method", default="",
                         help=f"structured: {', '.join(METHODS)}; sparse: {', '.join(SPARSE_METHODS)} "
-                             f" (default taylor) prunelab's best configuration with the defaults below")
+                             f" (default flap) prunelab's best configuration with the defaults below")
     parser.add_argument("--variant", default="element1", help=f"taylor variant: {', '.join(VARIANTS)} (default element1)")
     parser.add_argument("--aggregation", default="sum", help="group aggregation: sum, mean, max, first (default sum)")
     parser.add_argument("--ratio", type=float, default=None, help="structured: share to remove, in (0, 1)")
@@ -46,19 +46,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="structured: uniform (same amount per layer), global or adaptive (ranked across layers); "
                              "sparse: uniform or owl (by outliers) (default uniform unless --method names a recipe)")
     parser.add_argument("--attn-layers", default=None,
-                        help="START:END, end exclusive, negatives count from the end (default 4:-2 unless --method names a recipe)")
+                        help="START:END, end exclusive, negatives count from the end (unset: every layer, 0:, unless --method names a recipe; LLM-Pruner's is 4:-2)")
     parser.add_argument("--mlp-layers", default=None, help="as --attn-layers")
-    parser.add_argument("--calibration", default="", help="registry dataset for calibration (default wikitext2 unless --method names a recipe)")
+    parser.add_argument("--calibration", default="", help="registry dataset for calibration (default wikipassages unless --method names a recipe)")
     parser.add_argument("--calibration-split", default="train", help="its split (default train)")
-    parser.add_argument("--samples", type=int, default=0, help="calibration windows (default 10 unless --method names a recipe)")
-    parser.add_argument("--seq-len", type=int, default=0, help="tokens per window (default 64 unless --method names a recipe)")
+    parser.add_argument("--samples", type=int, default=0, help="calibration windows (default 128 unless --method names a recipe)")
+    parser.add_argument("--seq-len", type=int, default=0, help="tokens per window (default 128 unless --method names a recipe)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--correction", default="",
                         help="how o_proj/down_proj make up for lost inputs: refit (least squares), bias (FLAP's) or none "
                              "(default refit unless --method names a recipe)")
     parser.add_argument("--no-correction", dest="correction", action="store_const", const="none", help="as --correction none")
-    parser.add_argument("--correction-samples", type=int, default=0, help="windows the refit sees (default 10 unless --method names a recipe)")
-    parser.add_argument("--correction-seq-len", type=int, default=0, help="tokens per refit window (default 64 unless --method names a recipe)")
+    parser.add_argument("--correction-samples", type=int, default=0, help="windows the refit sees (default 128 unless --method names a recipe)")
+    parser.add_argument("--correction-seq-len", type=int, default=0, help="tokens per refit window (default 128 unless --method names a recipe)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default PRUNELAB_DEVICE, else auto)")
     parser.add_argument("--out", type=Path, default=None, help="also write the checkpoint to this new directory")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prunelab.errors import InvalidArgument
-from prunelab.orchestrate.study import Layers, PruningGrid, Study
+from prunelab.orchestrate.study import BEST_METHOD, Layers, PruningGrid, Study
+from prunelab.prune.pruner import BEST_CALIBRATION_SPLIT, PruneSettings
 from prunelab.prune.sparse import SPARSE_METHODS, UNSTRUCTURED, Pattern
 
 PRUNE, TUNE, EVALUATE, PROFILE = "prune", "tune", "evaluate", "profile"
@@ -73,7 +74,7 @@ def resolve(inputs: dict[str, Any], model_uris: dict[str, str]) -> dict[str, Any
 
 def _pruned_models(study: Study) -> list[tuple[JobSpec, ModelNode]]:
     points = [point for grid in study.pruning for point in _grid_points(grid)]
-    structured = [p for p in points if not p["pattern"]]
+    structured = [p for p in points if not p["pattern"] and p["method"] != BEST_METHOD]  # best's scheme is its own
     show_scheme = len({(p["semantics"], p["attn_layers"], p["mlp_layers"]) for p in structured}) > 1
     show_variant = len({p["variant"] for p in points if p["method"] == "taylor"}) > 1
     models: dict[str, tuple[JobSpec, ModelNode]] = {}
@@ -99,6 +100,10 @@ def _grid_points(grid: PruningGrid) -> list[dict[str, Any]]:
 
 
 def _structured_points(grid: PruningGrid, method: str, ratio: float) -> list[dict[str, Any]]:
+    if method == BEST_METHOD:
+        best = PruneSettings(ratio=ratio)
+        return [{"method": method, "variant": "", "ratio": ratio, "semantics": best.semantics, "attn_layers": best.attn_layers,
+                 "mlp_layers": best.mlp_layers, "pattern": "", "allocation": best.allocation}]
     return [
         {"method": method, "variant": variant if method == "taylor" else "", "ratio": ratio, "semantics": semantics,
          "attn_layers": layers.attn, "mlp_layers": layers.mlp, "pattern": "", "allocation": grid.allocation}
@@ -121,7 +126,7 @@ def _pruned_label(point: dict[str, Any], show_variant: bool, show_scheme: bool) 
     if point["pattern"]:
         label = f"{method} {point['pattern']}" if point["pattern"] != UNSTRUCTURED else label
         return label + (f" {point['allocation']}" if point["allocation"] != "uniform" else "")
-    if show_scheme:
+    if show_scheme and point["method"] != BEST_METHOD:
         label += f" {point['semantics']} {_layers_text(Layers(attn=point['attn_layers'], mlp=point['mlp_layers']))}"
     return label
 
@@ -133,6 +138,8 @@ def _layers_text(layers: Layers) -> str:
 def _prune_settings(study: Study, grid: PruningGrid, point: dict[str, Any]) -> dict[str, Any]:
     """Every PruneRequest field spelled out, so a changed service default cannot
     silently change what a hash stands for."""
+    if point["method"] == BEST_METHOD:
+        return _best_settings(grid, point)
     calibration = grid.calibration or study.calibration
     return {
         "ratio": point["ratio"],
@@ -148,9 +155,27 @@ def _prune_settings(study: Study, grid: PruningGrid, point: dict[str, Any]) -> d
         "samples": calibration.samples,
         "seq_len": calibration.seq_len,
         "seed": grid.seed,
-        "correction": grid.correction,
         "mode": grid.mode,
-    } | _sparse_settings(grid, point)
+    } | _correction_settings(grid.correction) | _sparse_settings(grid, point)
+
+
+def _correction_settings(correction: bool | str) -> dict[str, Any]:
+    """true/false as they always were (hashes of existing studies stay); a name as correction_method."""
+    return {"correction": correction} if isinstance(correction, bool) else {"correction_method": correction}
+
+
+def _best_settings(grid: PruningGrid, point: dict[str, Any]) -> dict[str, Any]:
+    """prunelab's best configuration at this ratio, every field spelled out (the study's
+    calibration section is for the named methods: the best configuration has its own)."""
+    best = PruneSettings(ratio=point["ratio"])
+    return {
+        "ratio": best.ratio, "method": best.method, "variant": best.variant, "aggregation": best.aggregation,
+        "semantics": best.semantics, "allocation": best.allocation, "attn_layers": best.attn_layers,
+        "mlp_layers": best.mlp_layers, "calibration": best.calibration, "calibration_split": BEST_CALIBRATION_SPLIT,
+        "samples": best.samples, "seq_len": best.seq_len, "seed": grid.seed, "mode": best.mode,
+        "correction_method": best.correction, "correction_samples": best.correction_samples,
+        "correction_seq_len": best.correction_seq_len,
+    }
 
 
 def _sparse_settings(grid: PruningGrid, point: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from prunelab.errors import InvalidArgument
 from prunelab.evaluate.evaluation import DTYPES
 from prunelab.prune.importance import AGGREGATIONS, TAYLOR_VARIANTS
 from prunelab.prune.layers import DEFAULT_LAYERS
-from prunelab.prune.pruner import ALLOCATIONS, METHODS, MODES, PruneSettings
+from prunelab.prune.pruner import ALLOCATIONS, CORRECTIONS, METHODS, MODES, PruneSettings
 from prunelab.prune.sparse import OWL_LAMBDA, OWL_M, SPARSE_ALLOCATIONS, SPARSE_METHODS, UNSTRUCTURED, Pattern
 from prunelab.prune.targets import SEMANTICS, check_ratio
 from prunelab.tune.settings import TuneSettings
@@ -89,7 +89,10 @@ NonNegative = Annotated[int, Field(ge=0)]
 Ratio = Annotated[float, AfterValidator(_ratio)]
 LayerSpan = Annotated[str, BeforeValidator(_layer_span)]
 Device = Annotated[str, AfterValidator(_device)]
-Method = Annotated[str, _one_of("method", METHODS)]
+# "best": prunelab's best structured configuration (what `prunelab prune` runs when no
+# method is named), spelled out in full in each job's inputs.
+BEST_METHOD = "best"
+Method = Annotated[str, _one_of("method", (BEST_METHOD, *METHODS))]
 Variant = Annotated[str, _one_of("taylor variant", TAYLOR_VARIANTS)]
 Semantics = Annotated[str, _one_of("semantics", SEMANTICS)]
 
@@ -144,7 +147,7 @@ class PruningGrid(Section):
     allocation: Annotated[str, _one_of("allocation", tuple(dict.fromkeys(ALLOCATIONS + SPARSE_ALLOCATIONS)))] = "uniform"
     owl_lambda: float = OWL_LAMBDA
     owl_m: float = OWL_M
-    correction: bool = True
+    correction: bool | Annotated[str, _one_of("correction", CORRECTIONS)] = True  # true/false: refit/none
     seed: NonNegative = 0
     calibration: Calibration | None = None  # this grid's own calibration text; None: the study's
 
@@ -152,7 +155,7 @@ class PruningGrid(Section):
     def _settings_valid_for_every_method(self) -> PruningGrid:
         """Combinations a pruner would refuse (allocation owl for taylor, a 2:4 pattern
         with owl, ...) are refused here, with the pruner's own reason."""
-        for method in self.methods:
+        for method in (m for m in self.methods if m != BEST_METHOD):
             sparse = method in SPARSE_METHODS
             for pattern in self.patterns if sparse else [""]:
                 ratio = Pattern.parse(pattern).sparsity if sparse and pattern != UNSTRUCTURED else self.ratios[0]
