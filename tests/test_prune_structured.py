@@ -179,3 +179,14 @@ def test_flap_checkpoint_round_trips_through_the_store(tiny_dir):
     stored = open_store().get_dir(outcome.artifact.uri)
     assert (stored / "model.safetensors").exists()
     assert LlamaFamilyAdapter(load_model(outcome.artifact.uri).model).num_parameters() == outcome.report.params_after
+
+
+def test_mlp_first_removes_only_mlp_channels_until_half_of_each_mlp_is_gone(tiny_dir):
+    def widths(ratio):
+        report = run_prune(str(tiny_dir), settings(ratio=ratio, allocation="mlp-first", attn_layers="0:", mlp_layers="0:")).report
+        assert abs(report.ratio_got - ratio) <= 0.005
+        return report.layer_widths
+
+    light, heavy = widths(0.1), widths(0.4)
+    assert all(w["num_key_value_heads"] == 2 and w["intermediate_size"] >= 64 for w in light)
+    assert any(w["num_key_value_heads"] < 2 for w in heavy)

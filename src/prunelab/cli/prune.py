@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depth-criterion", default="block-influence",
                         help="mode depth: block-influence (default), angular (consecutive layers) or last")
     parser.add_argument("--allocation", default="",
-                        help="structured: uniform (same amount per layer), global or adaptive (ranked across layers); "
-                             "sparse: uniform or owl (by outliers) (default uniform unless --method names a recipe)")
+                        help="structured: uniform (same amount per layer), mlp-first (uniform, MLP channels first), global or adaptive (ranked across layers); "
+                             "sparse: uniform or owl (by outliers) (default mlp-first unless --method names a recipe)")
     parser.add_argument("--attn-layers", default=None,
                         help="START:END, end exclusive, negatives count from the end (unset: every layer, 0:, unless --method names a recipe; LLM-Pruner's is 4:-2)")
     parser.add_argument("--mlp-layers", default=None, help="as --attn-layers")
