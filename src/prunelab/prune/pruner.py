@@ -126,6 +126,8 @@ class PruneSettings:
     def __post_init__(self) -> None:
         if isinstance(self.correction, bool):
             object.__setattr__(self, "correction", "refit" if self.correction else "none")
+        if not self.method and self.mode != "block":  # the best configuration is a block one; channel: LLM-Pruner's
+            object.__setattr__(self, "method", "taylor")
         recipe = BEST if not self.method else RECIPES.get(self.method, {})
         for name, value in recipe.items():
             if getattr(self, name) in ("", 0, None):
