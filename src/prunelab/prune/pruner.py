@@ -55,8 +55,8 @@ MODES = ("block", "channel", "depth")
 ALLOCATIONS = ("uniform", "mlp-first", "global", "adaptive")
 # mlp-first: uniform widths, MLP channels only while that removes at most this share
 # of each MLP; beyond it the uniform split of attention and MLP. Measured on SmolLM2
-# (flap, refit, bench/prune.py): at 20 % of the model MLP-only beats the split (1.82x vs
-# 2.09x the base perplexity, raw Wikipedia text), at 50 % the split beats MLP-only (8.6x vs 10.9x).
+# (flap, refit; README, Benchmarks): at 20 % of the model MLP-only beats the split (1.70x vs
+# 1.95x the base perplexity, raw Wikipedia text), at 50 % the split beats MLP-only (8.0x vs 10.1x).
 MLP_FIRST_CAP = 0.5
 UNIFORM_WIDTHS = ("uniform", "mlp-first")  # allocations decided before any scores
 DEPTH_CRITERIA = ("block-influence", "angular", "last")
