@@ -53,7 +53,7 @@ class GramAccumulator:
         self.fold_grams: dict[nn.Linear, list[torch.Tensor]] = {}
         self.sums: dict[nn.Linear, torch.Tensor] = {}
         self.tokens: dict[nn.Linear, int] = {}
-        self._calls: dict[nn.Linear, int] = {}
+        self._windows_seen: dict[nn.Linear, int] = {}
         self._recording = False
 
     def hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
@@ -72,8 +72,8 @@ class GramAccumulator:
         """Whole windows are dealt round robin into the folds (tokens of one window
         are alike, so splitting inside a window would not hold anything out)."""
         windows = inputs.reshape(-1, *inputs.shape[-2:]) if inputs.dim() > 2 else inputs.unsqueeze(0)
-        first = self._calls.get(module, 0)
-        self._calls[module] = first + windows.shape[0]
+        first = self._windows_seen.get(module, 0)
+        self._windows_seen[module] = first + windows.shape[0]
         folds = self.fold_grams.setdefault(module, None) or [None] * self.folds
         for offset in range(self.folds):
             part = windows[(offset - first) % self.folds :: self.folds].reshape(-1, windows.shape[-1]).float()
