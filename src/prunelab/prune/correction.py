@@ -40,9 +40,9 @@ DAMPING = 1.0
 class GramAccumulator:
     """Sums x^T x of the inputs of chosen Linear modules (or, `diagonal_only`, only
     its diagonal: each input column's squared norm), and each column's plain sum
-    (for means and variances). With `folds` > 1 the forward calls are dealt round
-    robin into that many separate sums as well (`fold_grams`), so a choice can be
-    fitted on some calls and checked on the others. Hooks stay attached while
+    (for means and variances). With `folds` > 1 whole windows are dealt round
+    robin into that many separate sums as well (`fold_grams`; `grams` is their
+    total), so a choice can be fitted on some windows and checked on the others. Hooks stay attached while
     `watching`, but only passes run inside `recording()` count, so a caller can
     share one forward pass (e.g. the Taylor pass) and skip others."""
 
@@ -61,25 +61,29 @@ class GramAccumulator:
             return
         # float32 sums are exact enough for a damped solve and twice as fast as float64 on CPU
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, d)
-        gram = x.pow(2).sum(0) if self.diagonal_only else x.T @ x
+        gram = self._add_to_folds(module, inputs[0].detach()) if self.folds > 1 else self._statistic(x)
         _add(self.grams, module, gram)
         _add(self.sums, module, x.sum(0))
         self.tokens[module] = self.tokens.get(module, 0) + x.shape[0]
-        if self.folds > 1:
-            self._add_to_folds(module, inputs[0].detach())
 
-    def _add_to_folds(self, module: nn.Linear, inputs: torch.Tensor) -> None:
+    def _statistic(self, x: torch.Tensor) -> torch.Tensor:
+        return x.pow(2).sum(0) if self.diagonal_only else x.T @ x
+
+    def _add_to_folds(self, module: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         """Whole windows are dealt round robin into the folds (tokens of one window
-        are alike, so splitting inside a window would not hold anything out)."""
+        are alike, so splitting inside a window would not hold anything out);
+        returns this call's total, so the full statistic is not computed again."""
         windows = inputs.reshape(-1, *inputs.shape[-2:]) if inputs.dim() > 2 else inputs.unsqueeze(0)
         first = self._windows_seen.get(module, 0)
         self._windows_seen[module] = first + windows.shape[0]
-        folds = self.fold_grams.setdefault(module, None) or [None] * self.folds
+        folds = self.fold_grams.get(module) or [None] * self.folds
+        total = None
         for offset in range(self.folds):
-            part = windows[(offset - first) % self.folds :: self.folds].reshape(-1, windows.shape[-1]).float()
-            gram = part.pow(2).sum(0) if self.diagonal_only else part.T @ part
+            gram = self._statistic(windows[(offset - first) % self.folds :: self.folds].reshape(-1, windows.shape[-1]).float())
             folds[offset] = gram if folds[offset] is None else folds[offset] + gram
+            total = gram if total is None else total + gram
         self.fold_grams[module] = folds
+        return total
 
     def release(self, module: nn.Linear) -> None:
         for store in (self.grams, self.fold_grams, self.sums):
@@ -125,7 +129,7 @@ def refit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Ten
 
 
 # The ridge of the layer-by-layer refit is measured per projection, not hand-set:
-# each candidate is fitted on one half of the calibration batches and scored by
+# each candidate is fitted on one half of the calibration windows and scored by
 # its reconstruction error on the other half (and the other way round); the one
 # with the lowest held-out error is then refit on all of them.
 DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
