@@ -29,8 +29,8 @@ def one_thread(torch_single_thread):
 
 
 def depth_settings(criterion: str = "block-influence", ratio: float = 0.3, **overrides) -> PruneSettings:
-    return PruneSettings(ratio=ratio, mode="depth", depth_criterion=criterion, calibration="calib", samples=4, seq_len=16,
-                         **overrides)
+    fields = {"depth_criterion": criterion, "calibration": "calib", "samples": 4, "seq_len": 16, **overrides}
+    return PruneSettings(ratio=ratio, mode="depth", **fields)
 
 
 def tiny_model(quiet_layers: tuple[int, ...] = ()):
@@ -184,11 +184,13 @@ def test_a_width_pruned_model_keeps_its_per_layer_widths_for_the_layers_it_keeps
     (0.05, {}, "removes no whole layer"),
     (0.95, {}, "would remove all 6 layers"),
     (0.3, {"semantics": "layer_ratio"}, "semantics params_ratio"),
+    (0.3, {"method": "taylor"}, "method 'taylor' does not apply"),
+    (0.3, {"depth_criterion": "deepest"}, "unknown depth_criterion 'deepest'"),
 ])
-def test_a_ratio_of_no_layer_or_every_layer_is_refused_before_anything_is_written(tiny_dir, tmp_path, ratio, settings,
+def test_bad_depth_settings_are_refused_before_anything_is_written(tiny_dir, tmp_path, ratio, settings,
                                                                                   reason):
     with pytest.raises(InvalidArgument, match=reason):
-        run_prune(str(tiny_dir), depth_settings("block-influence", ratio, **settings), out_dir=tmp_path / "never")
+        run_prune(str(tiny_dir), depth_settings(ratio=ratio, **settings), out_dir=tmp_path / "never")
     assert not (tmp_path / "never").exists()
     assert open_store().list(kind="model") == []
 
@@ -204,6 +206,8 @@ def test_cli_depth_mode_reports_the_removed_layers(tiny_dir, tmp_path, capsys, e
     assert doc["ratio_got"] == 1 - doc["params_after"] / doc["params_before"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
     assert open_store().exists(doc["artifact"])
+    criterion = extra[extra.index("--depth-criterion") + 1] if "--depth-criterion" in extra else "block-influence"
+    assert read_provenance(tmp_path / "out")["method"] == f"depth:{criterion}"  # not a width method it never ran
 
 
 def wikitext_perplexity(model, tokenizer, text: str, seq_len: int = 128, windows: int = 12) -> float:

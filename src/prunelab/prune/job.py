@@ -95,7 +95,7 @@ def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_s
         "base_model_id": loaded.source.base_id,
         "base_model_sha256": loaded.source.sha256,
         "base_model_spec": loaded.source.spec,
-        "method": settings.method,
+        "method": settings.label,
         "settings": {**asdict(settings), "calibration_split": calibration_split},
         "seed": settings.seed,
         "ratio_asked": report.ratio_asked,
@@ -119,7 +119,7 @@ def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_s
             check_saved_sparsity(target, report.sparsity)
         meta = {
             "base_model": loaded.source.base_id,
-            "method": settings.method,
+            "method": settings.label,
             "variant": settings.variant if settings.method == "taylor" else "",
             "ratio_asked": report.ratio_asked,
             "ratio_got": round(report.ratio_got, 6),

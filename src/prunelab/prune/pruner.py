@@ -91,6 +91,9 @@ RECIPES: dict[str, dict] = {
 # widths in every layer, and the layer-by-layer refit, calibrated on raw Wikipedia text.
 BEST = {**_FLAP, "method": "flap", "allocation": "mlp-first", "correction": "refit", "calibration": "wikipassages"}
 BEST_CALIBRATION_SPLIT = "train"
+# Depth pruning names no method (--depth-criterion chooses the layers); its one
+# calibration pass reads the same raw text as BEST, at the same size.
+_DEPTH = {"calibration": BEST["calibration"], "samples": BEST["samples"], "seq_len": BEST["seq_len"]}
 
 
 @dataclass(frozen=True)
@@ -126,14 +129,19 @@ class PruneSettings:
     def __post_init__(self) -> None:
         if isinstance(self.correction, bool):
             object.__setattr__(self, "correction", "refit" if self.correction else "none")
-        if not self.method and self.mode != "block":  # the best configuration is a block one; channel: LLM-Pruner's
+        if not self.method and self.mode == "channel":  # the best configuration is a block one; channel: LLM-Pruner's
             object.__setattr__(self, "method", "taylor")
-        recipe = BEST if not self.method else RECIPES.get(self.method, {})
+        recipe = RECIPES.get(self.method, {}) if self.method else _DEPTH if self.mode == "depth" else BEST
         for name, value in recipe.items():
             if getattr(self, name) in ("", 0, None):
                 object.__setattr__(self, name, value)
         if not self.semantics:
             object.__setattr__(self, "semantics", SPARSITY if self.sparse else "params_ratio")
+
+    @property
+    def label(self) -> str:
+        """The method as provenance and the store name it; depth pruning names its criterion."""
+        return self.method or f"depth:{self.depth_criterion}"
 
     @property
     def sparse(self) -> bool:
@@ -143,13 +151,15 @@ class PruneSettings:
         if self.sparse:
             Pattern.parse(self.pattern)  # before the ratio: a 4:4 pattern would ask for sparsity 1
         check_ratio(self.ratio)
-        if self.method not in METHODS:
+        if self.mode == "depth":
+            self._validate_depth()
+        elif self.method not in METHODS:
             raise InvalidArgument(
                 f"unknown method {self.method!r}; choose one of {', '.join(STRUCTURED_METHODS)} (structured) "
                 f"or {', '.join(SPARSE_METHODS)} (sparse)", field="method")
         if self.sparse:
             self._validate_sparse()
-        else:
+        elif self.mode != "depth":
             self._validate_structured()
         for name in ("samples", "seq_len"):
             if getattr(self, name) < 1:
@@ -166,15 +176,12 @@ class PruneSettings:
             ("mode", self.mode, MODES),
             ("allocation", self.allocation, ALLOCATIONS),
             ("correction", self.correction, CORRECTIONS),
-            ("depth_criterion", self.depth_criterion, DEPTH_CRITERIA),
         ):
             if value not in allowed:
                 raise InvalidArgument(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}", field=name)
         if self.pattern:
             raise InvalidArgument(f"pattern applies to the sparse methods ({', '.join(SPARSE_METHODS)}); "
                                   f"{self.method} removes whole heads and channels", field="pattern")
-        if self.mode == "depth":
-            self._validate_depth()
         if self.mode == "channel" and self.method not in CRITERIA:
             raise InvalidArgument(f"mode channel scores hidden channels by weights or gradients ({', '.join(CRITERIA)}); "
                                   f"{self.method} scores o_proj/down_proj inputs: use mode block", field="mode")
@@ -182,6 +189,12 @@ class PruneSettings:
     def _validate_depth(self) -> None:
         # Whole layers go, so only the whole model's share is meaningful; allocation,
         # layer ranges and correction do not apply and are ignored.
+        if self.method:
+            raise InvalidArgument(f"mode depth removes the layers --depth-criterion chooses; method {self.method!r} "
+                                  f"does not apply (leave it unset)", field="method")
+        if self.depth_criterion not in DEPTH_CRITERIA:
+            raise InvalidArgument(f"unknown depth_criterion {self.depth_criterion!r}; choose one of "
+                                  f"{', '.join(DEPTH_CRITERIA)}", field="depth_criterion")
         if self.semantics != "params_ratio":
             raise InvalidArgument(f"mode depth removes whole layers: its ratio is the share of the whole model's "
                                   f"parameters (semantics params_ratio), not {self.semantics}", field="semantics")
