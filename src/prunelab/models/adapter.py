@@ -144,9 +144,9 @@ class LlamaFamilyAdapter:
         widths = self.layer_widths()[layer]
         kept = self._indices("groups", groups, widths.num_key_value_heads)
         group_size = widths.num_attention_heads // widths.num_key_value_heads
-        query_heads = _expand(kept, group_size)
-        query_rows = _expand(query_heads, self.head_dim)
-        kv_rows = _expand(kept, self.head_dim)
+        query_heads = expand_units(kept, group_size)
+        query_rows = expand_units(query_heads, self.head_dim)
+        kv_rows = expand_units(kept, self.head_dim)
         proj = self.projections(layer)
         _keep_outputs(proj.q, query_rows)
         _keep_outputs(proj.k, kv_rows)
@@ -259,7 +259,7 @@ def _integers(field: str, values: Sequence[int]) -> list[int]:
     return result
 
 
-def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
+def expand_units(units: torch.Tensor, width: int) -> torch.Tensor:
     """Indices of every row covered by `units` when each unit spans `width` rows."""
     return (units[:, None] * width + torch.arange(width, device=units.device)).flatten()
 

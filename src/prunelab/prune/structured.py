@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prunelab.models import LlamaFamilyAdapter
+from prunelab.models.adapter import expand_units
 from prunelab.prune.correction import bias_compensation, measured_damping, refit_kept_columns
 from prunelab.prune.sequential import LayerPass, LayerStatistics, layer_by_layer
 from prunelab.prune.targets import LayerShape, RemovalPlan
@@ -144,7 +145,7 @@ def _prune_block(adapter: LlamaFamilyAdapter, index: int, kind: str, name: str, 
     span = _span(adapter, index, kind)
     scores = score((index, kind), linear.weight, stats, name, span)
     units = torch.topk(scores, scores.numel() - remove).indices.sort().values
-    columns = (units.unsqueeze(1) * span + torch.arange(span)).reshape(-1).to(linear.weight.device)
+    columns = expand_units(units, span).to(linear.weight.device)
     weight = linear.weight.detach()
     new_weight = bias = None
     if correction == "refit":
