@@ -9,9 +9,9 @@ perplexity on raw and tokenized text, and decode tokens/s at batch 1 from the
 profiler with the speed-up over the base model; then a perplexity-vs-speed plot.
 
 Presets (`--preset`, default quick; the axis flags below replace a preset's values):
-- quick: the default row, flap/uniform/refit, taylor's LLM-Pruner recipe and depth by
-  block influence, calibrated on PTB validation: 12 prunes, 1-2 h on 2 shared cores (a
-  flap prune at its recipe's 128 x 128 calibration tokens took 12 min at load 6);
+- quick: the default row, flap/uniform/refit on both corpora, taylor's LLM-Pruner
+  recipe and depth by block influence on PTB validation: 15 prunes, 1-2 h on 2 shared
+  cores (a flap prune at its recipe's 128 x 128 calibration tokens took 12 min at load 6);
 - full: every method x allocation x correction x calibration corpus at the recipes'
   sizes, every depth criterion on both corpora, and the default row (hours);
 - sizes: calibration and refit sizes for flap and taylor on both corpora;
@@ -110,7 +110,8 @@ class Preset:
 
 BOTH_CORPORA = tuple(CALIBRATION_SPLITS)
 PRESETS = {
-    "quick": Preset(widths=(Grid(("flap",), ("uniform",), ("refit",)), Grid(("taylor",))), depth_criteria=("block-influence",)),
+    "quick": Preset(widths=(Grid(("flap",), ("uniform",), ("refit",), BOTH_CORPORA), Grid(("taylor",))),
+                    depth_criteria=("block-influence",)),
     "full": Preset(
         widths=(Grid(("taylor", "flap", "wanda-sp"), ("uniform", "adaptive"), ("refit", "bias", "none"), BOTH_CORPORA),),
         depth_criteria=("block-influence", "angular", "last"), depth_calibrations=BOTH_CORPORA),

@@ -190,7 +190,7 @@ def test_flap_checkpoint_round_trips_through_the_store(tiny_dir):
     assert LlamaFamilyAdapter(load_model(outcome.artifact.uri).model).num_parameters() == outcome.report.params_after
 
 
-def test_mlp_first_removes_only_mlp_channels_until_half_of_each_mlp_is_gone(tiny_dir):
+def test_mlp_first_removes_only_mlp_channels_while_the_cap_allows_then_kv_groups_too(tiny_dir):
     def widths(ratio):
         report = run_prune(str(tiny_dir), settings(ratio=ratio, allocation="mlp-first", attn_layers="0:", mlp_layers="0:")).report
         assert abs(report.ratio_got - ratio) <= 0.005

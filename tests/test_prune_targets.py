@@ -11,7 +11,7 @@ from prunelab.errors import InvalidArgument
 from prunelab.models import LlamaFamilyAdapter
 from prunelab.prune import BlockPruner, PruneSettings
 from prunelab.prune.pruner import layer_shapes
-from prunelab.prune.targets import LayerShape, layer_ratio_plan, max_reachable_ratio
+from prunelab.prune.targets import TOLERANCE, LayerShape, layer_ratio_plan, max_reachable_ratio, mlp_first_plan, params_ratio_plan
 
 # The study's TinyLlama-1.1B printout scaled down: 22 layers, 32 query / 4 KV heads,
 # MLP 2.75x hidden (5632 / 2048), untied head; head_dim 4 keeps it fast.
@@ -75,14 +75,41 @@ def test_layer_ratio_follows_llm_pruner_rounding(torch_single_thread):
         assert widths["intermediate_size"] == (int(352 * 0.7) if inside else 352)
 
 
-def test_layer_ratio_reproduces_llm_pruner_on_smollm2_shapes():
-    """LLM-Pruner's llama3.py on SmolLM2-135M (layers 4-27) measured 134.5M -> 95.6M
-    parameters (28.9 %) at pruning_ratio 0.5 and 9.5 % removed at 0.2."""
+def smollm2_shapes() -> tuple[list[LayerShape], int]:
     hidden, head_dim, vocab = 576, 64, 49152
     group = 3 * head_dim * hidden * 2 + 2 * head_dim * hidden  # q and o of 3 heads, k and v of one
     shapes = [LayerShape(3, group, 1536, 3 * hidden)] * 30
     total = vocab * hidden + 30 * (3 * group + 1536 * 3 * hidden + 2 * hidden) + hidden
     assert total == 134_515_008
+    return shapes, total
+
+
+@pytest.mark.parametrize("ratio, kv_groups", [(0.2, 0), (0.289, 0), (0.5, 1)])
+def test_mlp_first_takes_the_fewest_kv_groups_that_keep_each_mlp_under_the_cap(ratio, kv_groups):
+    """SmolLM2-135M: MLP channels alone reach 20 % and 28.9 % of the model with at most
+    3/4 of each MLP; 50 % would take 84.5 % of it, so one KV group of three goes too."""
+    shapes, total = smollm2_shapes()
+    every = range(30)
+    plan = mlp_first_plan(shapes, every, every, ratio, total, cap=0.75)
+    assert set(plan.kv_groups) == {kv_groups} and len(set(plan.mlp_channels)) == 1
+    assert plan.mlp_channels[0] <= 0.75 * 1536
+    assert abs(plan.removed_params(shapes) - ratio * total) <= TOLERANCE * total
+    if kv_groups:  # one group fewer would have taken more than the cap
+        fewer = mlp_first_plan(shapes, every, every, ratio, total, cap=plan.mlp_channels[0] / 1536 - 0.01)
+        assert fewer is None or fewer.kv_groups[0] > kv_groups
+
+
+def test_mlp_first_has_no_plan_when_every_attention_amount_leaves_the_mlp_over_the_cap():
+    shapes, total = smollm2_shapes()
+    assert mlp_first_plan(shapes, range(30), range(30), 0.6, total, cap=0.75) is None
+    assert params_ratio_plan(shapes, range(30), range(30), 0.6, total).kv_groups[0] == 2  # the split the pruner falls back to
+
+
+def test_layer_ratio_reproduces_llm_pruner_on_smollm2_shapes():
+    """LLM-Pruner's llama3.py on SmolLM2-135M (layers 4-27) measured 134.5M -> 95.6M
+    parameters (28.9 %) at pruning_ratio 0.5 and 9.5 % removed at 0.2."""
+    head_dim = 64
+    shapes, total = smollm2_shapes()
     removed_at = {r: layer_ratio_plan(shapes, range(4, 28), range(4, 28), r, head_dim).removed_params(shapes) for r in (0.5, 0.2)}
     assert round((total - removed_at[0.5]) / 1e6, 1) == 95.6
     assert round(removed_at[0.5] / total, 3) == 0.289

@@ -46,6 +46,7 @@ from prunelab.prune.targets import (
     RemovalPlan,
     check_ratio,
     layer_ratio_plan,
+    mlp_first_plan,
     params_ratio_plan,
 )
 
@@ -54,10 +55,13 @@ log = logging.getLogger(__name__)
 MODES = ("block", "channel", "depth")
 ALLOCATIONS = ("uniform", "mlp-first", "global", "adaptive")
 # mlp-first: uniform widths, MLP channels only while that removes at most this share
-# of each MLP; beyond it the uniform split of attention and MLP. Measured on SmolLM2
-# (flap, refit; README, Benchmarks): at 20 % of the model MLP-only beats the split (1.70x vs
-# 1.95x the base perplexity, raw Wikipedia text), at 50 % the split beats MLP-only (8.0x vs 10.1x).
-MLP_FIRST_CAP = 0.5
+# of each MLP; beyond it the fewest KV groups per layer that keep the MLP under it;
+# beyond that the uniform split. Measured on SmolLM2 (flap, refit, 128 x 128
+# wikipassages train; raw wikipassages validation, 64 windows of 128, base 24.64):
+# at 20 % of the model MLP-only beats the split (41.8 vs 48.0); at 50 % one KV group
+# of three per layer with 73 % of each MLP gone (161.8) beats MLP-only (84.5 % of
+# each MLP: 250.5), two groups (197.4) and alternating one and two (201.8).
+MLP_FIRST_CAP = 0.75
 UNIFORM_WIDTHS = ("uniform", "mlp-first")  # allocations decided before any scores
 DEPTH_CRITERIA = ("block-influence", "angular", "last")
 CORRECTIONS = ("refit", "bias", "none")
@@ -357,10 +361,10 @@ class BlockPruner(_Pruner):
         return self._params_plan(shapes, s.ratio + added / params_before, params_before)
 
     def _params_plan(self, shapes: list[LayerShape], ratio: float, params_before: int) -> RemovalPlan:
-        if self.settings.allocation == "mlp-first" and self.mlp_layers:
-            mlp_only = _mlp_only_plan(shapes, self.mlp_layers, ratio, params_before)
-            if mlp_only is not None:
-                return mlp_only
+        if self.settings.allocation == "mlp-first":
+            plan = mlp_first_plan(shapes, self.attn_layers, self.mlp_layers, ratio, params_before, MLP_FIRST_CAP)
+            if plan is not None:
+                return plan
         return params_ratio_plan(shapes, self.attn_layers, self.mlp_layers, ratio, params_before)
 
     def _block_slices(self) -> dict[tuple[int, str], list[Slice]]:
@@ -424,16 +428,6 @@ class BlockPruner(_Pruner):
 
         windows = self._windows(s.correction_samples, s.correction_seq_len, 0.3)
         return prune_sequentially(self.model, windows, plan, score, s.correction, layer_done)
-
-
-def _mlp_only_plan(shapes: list[LayerShape], mlp_layers: range, ratio: float, params_before: int) -> RemovalPlan | None:
-    """The uniform plan on MLP channels alone, if it removes at most MLP_FIRST_CAP of each MLP."""
-    try:
-        plan = params_ratio_plan(shapes, range(0), mlp_layers, ratio, params_before)
-    except InvalidArgument:  # MLP channels alone cannot reach the ratio
-        return None
-    fits = all(removed <= MLP_FIRST_CAP * shape.mlp_channels for removed, shape in zip(plan.mlp_channels, shapes, strict=True))
-    return plan if fits else None
 
 
 def choose_kept(scores: dict[tuple[int, str], torch.Tensor], plan: RemovalPlan, shapes: list[LayerShape]) -> dict[int, dict[str, list[int]]]:

@@ -75,23 +75,9 @@ def params_ratio_plan(shapes: list[LayerShape], attn_layers: range, mlp_layers: 
     Among the attention amounts that can reach the target, the one whose share of
     attention removed is closest to the MLP's share wins: that splits the cut the
     way LLM-Pruner's single ratio does, instead of emptying one block type."""
-    check_ratio(ratio)
-    target = ratio * total_params
-    tolerance = TOLERANCE * total_params
-    attn = [shapes[i] for i in attn_layers]
-    mlp = [shapes[i] for i in mlp_layers]
-    per_channel_round = sum(s.channel_params for s in mlp)
-    best: tuple[float, int, int] | None = None
-    for groups in range(_max_removable(attn, "kv") + 1):
-        attn_removed = sum(groups * s.group_params for s in attn)
-        channels = round((target - attn_removed) / per_channel_round) if per_channel_round else 0
-        channels = min(max(channels, 0), _max_removable(mlp, "mlp"))
-        if abs(attn_removed + channels * per_channel_round - target) > tolerance:
-            continue
-        imbalance = abs(_share(groups, attn, "kv") - _share(channels, mlp, "mlp"))
-        if best is None or imbalance < best[0]:
-            best = (imbalance, groups, channels)
-    if best is None:
+    attn, mlp = [shapes[i] for i in attn_layers], [shapes[i] for i in mlp_layers]
+    candidates = _uniform_candidates(shapes, attn_layers, mlp_layers, ratio, total_params)
+    if not candidates:
         reachable = max_reachable_ratio(shapes, attn_layers, mlp_layers, total_params)
         why = (
             f"the largest reachable is {reachable:.4f}"
@@ -103,11 +89,45 @@ def params_ratio_plan(shapes: list[LayerShape], attn_layers: range, mlp_layers: 
             f"{_span(attn_layers)} and MLP layers {_span(mlp_layers)}: {why}",
             field="ratio",
         )
-    _, groups, channels = best
-    return RemovalPlan(
-        [groups if i in attn_layers else 0 for i in range(len(shapes))],
-        [channels if i in mlp_layers else 0 for i in range(len(shapes))],
-    )
+    groups, channels = min(candidates, key=lambda c: abs(_share(c[0], attn, "kv") - _share(c[1], mlp, "mlp")))
+    return _uniform_plan(len(shapes), attn_layers, mlp_layers, groups, channels)
+
+
+def mlp_first_plan(shapes: list[LayerShape], attn_layers: range, mlp_layers: range, ratio: float, total_params: int,
+                   cap: float) -> RemovalPlan | None:
+    """The fewest KV groups per attention layer (the same in each) that let uniform
+    MLP channel removal reach `ratio` of the whole model while taking at most `cap`
+    of each MLP's channels; None when no amount of attention does."""
+    check_ratio(ratio)
+    mlp_width = min((shapes[i].mlp_channels for i in mlp_layers), default=0)
+    for groups, channels in _uniform_candidates(shapes, attn_layers, mlp_layers, ratio, total_params):
+        if channels <= cap * mlp_width:
+            return _uniform_plan(len(shapes), attn_layers, mlp_layers, groups, channels)
+    return None
+
+
+def _uniform_candidates(shapes: list[LayerShape], attn_layers: range, mlp_layers: range, ratio: float,
+                        total_params: int) -> list[tuple[int, int]]:
+    """(KV groups, MLP channels) removed per layer that land within TOLERANCE of
+    `ratio`, fewest groups first."""
+    check_ratio(ratio)
+    target = ratio * total_params
+    attn = [shapes[i] for i in attn_layers]
+    mlp = [shapes[i] for i in mlp_layers]
+    per_channel_round = sum(s.channel_params for s in mlp)
+    candidates = []
+    for groups in range(_max_removable(attn, "kv") + 1):
+        attn_removed = sum(groups * s.group_params for s in attn)
+        channels = round((target - attn_removed) / per_channel_round) if per_channel_round else 0
+        channels = min(max(channels, 0), _max_removable(mlp, "mlp"))
+        if abs(attn_removed + channels * per_channel_round - target) <= TOLERANCE * total_params:
+            candidates.append((groups, channels))
+    return candidates
+
+
+def _uniform_plan(layers: int, attn_layers: range, mlp_layers: range, groups: int, channels: int) -> RemovalPlan:
+    return RemovalPlan([groups if i in attn_layers else 0 for i in range(layers)],
+                       [channels if i in mlp_layers else 0 for i in range(layers)])
 
 
 def max_reachable_ratio(shapes: list[LayerShape], attn_layers: range, mlp_layers: range, total_params: int) -> float:
