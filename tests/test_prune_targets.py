@@ -11,7 +11,15 @@ from prunelab.errors import InvalidArgument
 from prunelab.models import LlamaFamilyAdapter
 from prunelab.prune import BlockPruner, PruneSettings
 from prunelab.prune.pruner import layer_shapes
-from prunelab.prune.targets import TOLERANCE, LayerShape, layer_ratio_plan, max_reachable_ratio, mlp_first_plan, params_ratio_plan
+from prunelab.prune.targets import (
+    TOLERANCE,
+    LayerShape,
+    layer_ratio_plan,
+    max_reachable_ratio,
+    mlp_first_plan,
+    params_ratio_plan,
+    spare_layers,
+)
 
 # The study's TinyLlama-1.1B printout scaled down: 22 layers, 32 query / 4 KV heads,
 # MLP 2.75x hidden (5632 / 2048), untied head; head_dim 4 keeps it fast.
@@ -103,6 +111,23 @@ def test_mlp_first_has_no_plan_when_every_attention_amount_leaves_the_mlp_over_t
     shapes, total = smollm2_shapes()
     assert mlp_first_plan(shapes, range(30), range(30), 0.6, total, cap=0.75) is None
     assert params_ratio_plan(shapes, range(30), range(30), 0.6, total).kv_groups[0] == 2  # the split the pruner falls back to
+
+
+def test_spared_layers_give_their_channels_evenly_to_the_others_and_the_ratio_stays():
+    shapes, total = smollm2_shapes()
+    plan = mlp_first_plan(shapes, range(30), range(30), 0.5, total, cap=0.75)
+    spared = spare_layers(plan, shapes, {0, 1, 29}, share=0.5)
+    assert spared.removed_params(shapes) == plan.removed_params(shapes)
+    assert spared.kv_groups == plan.kv_groups
+    assert [spared.mlp_channels[i] for i in (0, 1, 29)] == [768] * 3 < [plan.mlp_channels[0]] * 3
+    others = {spared.mlp_channels[i] for i in range(2, 29)}
+    assert max(others) - min(others) <= 1 and min(others) > plan.mlp_channels[0]
+
+
+def test_sparing_changes_nothing_where_the_plan_already_stays_under_the_share():
+    shapes, total = smollm2_shapes()
+    plan = mlp_first_plan(shapes, range(30), range(30), 0.2, total, cap=0.75)
+    assert spare_layers(plan, shapes, {0, 1, 29}, share=0.5) == plan
 
 
 def test_layer_ratio_reproduces_llm_pruner_on_smollm2_shapes():

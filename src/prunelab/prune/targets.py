@@ -106,6 +106,26 @@ def mlp_first_plan(shapes: list[LayerShape], attn_layers: range, mlp_layers: ran
     return None
 
 
+def spare_layers(plan: RemovalPlan, shapes: list[LayerShape], spared: set[int], share: float) -> RemovalPlan:
+    """The same MLP channels removed in all, but each `spared` layer loses at most
+    `share` of its own; what they keep is taken evenly from the other layers that
+    remove channels. The plan unchanged when those cannot take it."""
+    channels = list(plan.mlp_channels)
+    moved = 0
+    for i in spared:
+        limit = math.floor(share * shapes[i].mlp_channels)
+        moved += max(channels[i] - limit, 0)
+        channels[i] = min(channels[i], limit)
+    others = [i for i, removed in enumerate(channels) if removed and i not in spared]
+    if not moved or not others or len({shapes[i].channel_params for i in others + sorted(spared)}) > 1:
+        return plan  # (a channel costs the same everywhere, or moving channels would move the ratio)
+    for rank, i in enumerate(others):
+        channels[i] += moved // len(others) + (rank < moved % len(others))
+    if any(channels[i] >= shapes[i].mlp_channels for i in others):
+        return plan
+    return RemovalPlan(list(plan.kv_groups), channels)
+
+
 def _uniform_candidates(shapes: list[LayerShape], attn_layers: range, mlp_layers: range, ratio: float,
                         total_params: int) -> list[tuple[int, int]]:
     """(KV groups, MLP channels) removed per layer that land within TOLERANCE of
