@@ -99,9 +99,9 @@ RECIPES: dict[str, dict] = {
     **{method: _LLM_PRUNER for method in CRITERIA + SPARSE_METHODS},
     **{method: _FLAP for method in ACTIVATION_CRITERIA},
 }
-# No method named: prunelab's best structured configuration, chosen by bench/prune.py
-# (README, Benchmarks): flap's scores on the pruned model's own activations, the same
-# widths in every layer, and the layer-by-layer refit, calibrated on raw Wikipedia text.
+# No method named: prunelab's best structured configuration, chosen by measurement
+# (README, Benchmarks): flap's scores on the pruned model's own activations, the
+# mlp-first allocation, and the layer-by-layer refit, calibrated on raw Wikipedia text.
 BEST = {**_FLAP, "method": "flap", "allocation": "mlp-first", "correction": "refit", "calibration": "wikipassages"}
 BEST_CALIBRATION_SPLIT = "train"
 # Depth pruning names no method (--depth-criterion chooses the layers); its one
