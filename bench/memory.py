@@ -7,7 +7,9 @@ head, about 4.4 GB. Run: `.venv/bin/python -P bench/memory.py` (about 19 min on 
 cores, 12 GB of free disk; `--layers 12` for a quick check of the pipeline). Needs
 ../shared/data (PTB validation text, the calibration corpus). Measured 2026-11-30 on
 2 cores: 4.40 GB model, 6.05 GB peak RSS, 1.37x, 1094 s (importance 79 s, removal
-with the layer-by-layer refit 984 s).
+with the layer-by-layer refit 984 s); again after the refit's ridge search moved to
+one eigendecomposition per fold, on cores shared with three other jobs: 6.08 GB,
+1.38x, 1997 s.
 
 Protocol (printed with the figures):
 - the checkpoint is written once by a separate process (safetensors) with a
