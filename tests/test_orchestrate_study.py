@@ -11,6 +11,7 @@ import yaml
 
 from prunelab.cli import main as cli_main
 from prunelab.errors import InvalidArgument
+from prunelab.orchestrate import graph
 from prunelab.orchestrate.graph import EVALUATE, PROFILE, PRUNE, TUNE, expand
 from prunelab.orchestrate.study import load_study, parse_study
 from prunelab.prune.pruner import BEST
@@ -161,6 +162,16 @@ def test_identical_work_has_the_same_hash_across_studies_and_different_work_does
     assert other_seed["prune taylor 20%"] != first["prune taylor 20%"]
     assert other_seed["evaluate taylor 20% ppl wikitext2@128"] != first["evaluate taylor 20% ppl wikitext2@128"]
     assert other_seed["evaluate base ppl wikitext2@128"] == first["evaluate base ppl wikitext2@128"]
+
+
+def test_a_new_pruner_version_changes_the_prune_jobs_and_what_reads_them_only(monkeypatch):
+    """A state directory must not reuse a model an older pruner made from the same settings."""
+    first = {job.key: job.inputs_hash for job in expand(parse_study(study_text(), "a.yaml"))}
+    monkeypatch.setattr(graph, "PRUNER_VERSION", graph.PRUNER_VERSION + 1)
+    bumped = {job.key: job.inputs_hash for job in expand(parse_study(study_text(), "a.yaml"))}
+    assert bumped["prune taylor 20%"] != first["prune taylor 20%"]
+    assert bumped["evaluate taylor 20% ppl wikitext2@128"] != first["evaluate taylor 20% ppl wikitext2@128"]
+    assert bumped["evaluate base ppl wikitext2@128"] == first["evaluate base ppl wikitext2@128"]
 
 
 def test_a_tuning_selection_that_matches_nothing_is_refused():

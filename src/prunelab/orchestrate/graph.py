@@ -21,7 +21,7 @@ from typing import Any
 
 from prunelab.errors import InvalidArgument
 from prunelab.orchestrate.study import BEST_METHOD, Layers, PruningGrid, Study
-from prunelab.prune.pruner import BEST_CALIBRATION_SPLIT, PruneSettings
+from prunelab.prune.pruner import BEST_CALIBRATION_SPLIT, PRUNER_VERSION, PruneSettings
 from prunelab.prune.sparse import SPARSE_METHODS, UNSTRUCTURED, Pattern
 
 PRUNE, TUNE, EVALUATE, PROFILE = "prune", "tune", "evaluate", "profile"
@@ -253,7 +253,8 @@ def _hashed(jobs: list[JobSpec]) -> list[JobSpec]:
     result = []
     for job in jobs:
         linked = {name: {"output_of_hash": hashes[value[REFERENCE]]} if _is_reference(value) else value for name, value in job.inputs.items()}
-        canonical = json.dumps({"kind": job.kind, "inputs": linked}, sort_keys=True, separators=(",", ":"))
+        hashed = {"kind": job.kind, "inputs": linked} | ({"pruner_version": PRUNER_VERSION} if job.kind == PRUNE else {})
+        canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
         hashes[job.key] = hashlib.sha256(canonical.encode()).hexdigest()
         result.append(JobSpec(job.key, job.kind, job.inputs, job.needs, job.meta, hashes[job.key]))
     return result

@@ -104,6 +104,11 @@ RECIPES: dict[str, dict] = {
 # mlp-first allocation, and the layer-by-layer refit, calibrated on raw Wikipedia text.
 BEST = {**_FLAP, "method": "flap", "allocation": "mlp-first", "correction": "refit", "calibration": "wikipassages"}
 BEST_CALIBRATION_SPLIT = "train"
+# Bumped whenever the same settings start to give a different model (a new plan
+# rule, a changed default inside a recipe): a study's prune jobs hash it, so a
+# state directory never reuses a model an older pruner made. 2: mlp-first takes KV
+# groups above 3/4 of each MLP and spares the ends of the stack.
+PRUNER_VERSION = 2
 # Depth pruning names no method (--depth-criterion chooses the layers); its one
 # calibration pass reads the same raw text as BEST, at the same size.
 _DEPTH = {"calibration": BEST["calibration"], "samples": BEST["samples"], "seq_len": BEST["seq_len"]}
