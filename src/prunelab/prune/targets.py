@@ -98,7 +98,6 @@ def mlp_first_plan(shapes: list[LayerShape], attn_layers: range, mlp_layers: ran
     """The fewest KV groups per attention layer (the same in each) that let uniform
     MLP channel removal reach `ratio` of the whole model while taking at most `cap`
     of each MLP's channels; None when no amount of attention does."""
-    check_ratio(ratio)
     mlp_width = min((shapes[i].mlp_channels for i in mlp_layers), default=0)
     for groups, channels in _uniform_candidates(shapes, attn_layers, mlp_layers, ratio, total_params):
         if channels <= cap * mlp_width:
@@ -118,7 +117,7 @@ def spare_layers(plan: RemovalPlan, shapes: list[LayerShape], spared: set[int], 
         channels[i] = min(channels[i], limit)
     others = [i for i, removed in enumerate(channels) if removed and i not in spared]
     if not moved or not others or len({shapes[i].channel_params for i in others + sorted(spared)}) > 1:
-        return plan  # (a channel costs the same everywhere, or moving channels would move the ratio)
+        return plan  # channels of different costs could not move without moving the ratio
     for rank, i in enumerate(others):
         channels[i] += moved // len(others) + (rank < moved % len(others))
     if any(channels[i] >= shapes[i].mlp_channels for i in others):
