@@ -1,5 +1,6 @@
-"""`prunelab tune`: LoRA recovery of a (pruned) checkpoint in this process, the tuner
-service's code. The result is never worse on validation than the input: the best
+"""`prunelab tune`: recovery of a (pruned) checkpoint in this process, the tuner
+service's code: LoRA or every parameter (--full), on next-token loss or by
+distillation from the model it was pruned from (--objective kd / kd+ce). The result is never worse on validation than the input: the best
 evaluated step wins, step 0 (the input) included. Running the same command again
 after an interruption resumes from its last evaluation."""
 
@@ -35,16 +36,22 @@ _SETTINGS_OPTIONS: dict[str, tuple[type, str]] = {
     "max_grad_norm": (float, "gradient clipping (default 1.0)"),
     "weight_decay": (float, "AdamW weight decay (default 0)"),
     "precision": (str, "auto (default: bf16 on GPUs that support it, else fp32), bf16 or fp32"),
+    "objective": (str, "ce (default: next-token loss), kd (distillation from the teacher) or kd+ce"),
+    "teacher": (str, "kd's teacher (default: the model the input was pruned from, per its provenance)"),
+    "temperature": (float, "kd's softening of both distributions (default 1)"),
+    "kd_weight": (float, "kd+ce: kd_weight x kd + (1 - kd_weight) x ce (default 0.5)"),
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tune", help="LoRA recovery of a checkpoint, never returning a worse one", description=__doc__)
+    parser = subparsers.add_parser("tune", help="recovery of a checkpoint (LoRA, full, distillation), never returning a worse one",
+                                   description=__doc__)
     parser.add_argument("--model", required=True, help="artifact:// URI, checkpoint dir, registered name, .gguf or hub id")
     parser.add_argument("--data", required=True,
                         help="registry dataset: alpaca instruction set (Alpaca prompt, loss on responses) or text corpus")
     for dest, (kind, text) in _SETTINGS_OPTIONS.items():
         parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, default=None, help=text)
+    parser.add_argument("--full", action="store_true", help="train every parameter instead of LoRA adapters")
     parser.add_argument("--target-modules", default=None,
                         help="comma-separated projections (default all seven: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default PRUNELAB_DEVICE, else auto)")
@@ -59,6 +66,8 @@ def _tune(args: argparse.Namespace) -> int:
     from prunelab.tune import TuneSettings, run_tune
 
     given = {dest: getattr(args, dest) for dest in _SETTINGS_OPTIONS if getattr(args, dest) is not None}
+    if args.full:
+        given["full"] = True
     if args.target_modules is not None:
         given["target_modules"] = tuple(name.strip() for name in args.target_modules.split(",") if name.strip())
     with job_progress("tune", silent=args.json) as show:
@@ -72,7 +81,8 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"held-out perplexity {outcome.heldout_ppl_before:.3f} -> {outcome.heldout_ppl_after:.3f} "
               f"(selection split, which chose the step: {outcome.val_ppl_before:.3f} -> {outcome.val_ppl_after:.3f})")
         print(f"result: {outcome.reason}")
-        print(f"peak memory {outcome.peak_memory_bytes / 2**30:.2f} GiB ({outcome.memory_kind}), {outcome.wall_seconds:.1f} s")
-        print(f"artifact {outcome.artifact.uri}\nadapter {outcome.adapter.uri}"
+        print(f"{outcome.trained} on {outcome.objective}, {outcome.tokens_seen} training tokens; peak memory "
+              f"{outcome.peak_memory_bytes / 2**30:.2f} GiB ({outcome.memory_kind}), {outcome.wall_seconds:.1f} s")
+        print(f"artifact {outcome.artifact.uri}" + (f"\nadapter {outcome.adapter.uri}" if outcome.adapter else "")
               + (f"\ncheckpoint {outcome.checkpoint_dir}" if outcome.checkpoint_dir else ""))
     return 0

@@ -94,7 +94,7 @@ def result_message(outcome: TuneOutcome, job_id: str) -> tuner_pb2.TuneResult:
     return tuner_pb2.TuneResult(
         job_id=job_id,
         artifact=_artifact(outcome.artifact),
-        adapter=_artifact(outcome.adapter),
+        adapter=_artifact(outcome.adapter) if outcome.adapter else None,
         val_ppl_before=outcome.val_ppl_before,
         val_ppl_after=outcome.val_ppl_after,
         heldout_ppl_before=outcome.heldout_ppl_before,
@@ -110,5 +110,10 @@ def result_message(outcome: TuneOutcome, job_id: str) -> tuner_pb2.TuneResult:
         peak_memory_bytes=outcome.peak_memory_bytes,
         memory_kind=outcome.memory_kind,
         wall_seconds=outcome.wall_seconds,
+        trained=outcome.trained,
+        objective=outcome.objective,
+        teacher=outcome.teacher["spec"] if outcome.teacher else "",
+        tokens_seen=outcome.tokens_seen,
+        **outcome.memory,
         report=report,
     )

@@ -15,14 +15,15 @@ SCHEDULES = ("constant", "cosine", "linear")
 # "auto": bf16 on GPUs that support it, else fp32. fp16 is refused: its narrow range
 # is where LLM-Pruner users see NaN losses, and bf16 has fp32's range.
 PRECISIONS = ("auto", "bf16", "fp32")
+OBJECTIVES = ("ce", "kd", "kd+ce")  # next-token loss, distillation, both (objective.py)
 
 
 @dataclass(frozen=True)
 class TuneSettings:
     """Everything that decides the tuned model apart from the input model.
 
-    Defaults follow LLM-Pruner's post-training (rank 8, alpha 16, dropout 0.05,
-    lr 1e-4, 256 tokens), with validation every `eval_every` steps.
+    Defaults follow LLM-Pruner's post-training (LoRA rank 8, alpha 16, dropout 0.05,
+    lr 1e-4, 256 tokens, next-token loss), with validation every `eval_every` steps.
     """
 
     data: str  # registry dataset: alpaca instruction set or text corpus
@@ -52,6 +53,13 @@ class TuneSettings:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     precision: str = "auto"
+    # What is trained, on what loss (objective.py): LoRA adapters (rank, alpha, dropout,
+    # target_modules) or, with `full`, every parameter; ce, kd or kd+ce.
+    full: bool = False
+    objective: str = "ce"
+    teacher: str = ""  # kd's teacher: "" = the unpruned model the input was pruned from (its provenance)
+    temperature: float = 1.0  # kd's softening of both distributions
+    kd_weight: float = 0.5  # kd+ce: kd_weight * kd + (1 - kd_weight) * ce
 
     @property
     def lora_alpha(self) -> float:
@@ -85,6 +93,7 @@ class TuneSettings:
             raise InvalidArgument(f"weight_decay must be >= 0, got {self.weight_decay}", field="weight_decay")
         self._check_choices()
         self._check_target_modules()
+        self._check_objective()
 
     def _check_positive_ints(self) -> None:
         for name in ("rank", "batch_size", "grad_accum", "eval_every", "max_val_examples", "steps"):
@@ -97,7 +106,7 @@ class TuneSettings:
             raise InvalidArgument(f"max_length must be at least 2 (a token and the next), got {self.max_length}", field="max_length")
 
     def _check_positive_numbers(self) -> None:
-        for name in ("lr", "epochs", "alpha", "max_grad_norm"):
+        for name in ("lr", "epochs", "alpha", "max_grad_norm", "temperature"):
             value = getattr(self, name)
             if name == "alpha" and value is None:
                 continue
@@ -121,6 +130,18 @@ class TuneSettings:
             )
         if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
             raise InvalidArgument("target_modules must name each projection at most once, and at least one", field="target_modules")
+
+    def _check_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InvalidArgument(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}", field="objective")
+        if not isinstance(self.full, bool):
+            raise InvalidArgument(f"full must be true or false, got {self.full!r}", field="full")
+        if not isinstance(self.teacher, str):
+            raise InvalidArgument(f"teacher must be a model name, got {self.teacher!r}", field="teacher")
+        if self.objective == "ce" and self.teacher.strip():
+            raise InvalidArgument("a teacher is only used by the kd objectives (kd, kd+ce)", field="teacher")
+        if not isinstance(self.kd_weight, (int, float)) or not 0.0 < self.kd_weight < 1.0:
+            raise InvalidArgument(f"kd_weight must be in (0, 1), got {self.kd_weight!r}", field="kd_weight")
 
     def total_steps(self, train_examples: int) -> int:
         """Optimizer steps: `steps`, or `epochs` passes over `train_examples`."""

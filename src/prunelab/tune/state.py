@@ -8,8 +8,8 @@ immutable and has no delete, so a snapshot every K steps would pile up forever
 there; a service that must resume on another host mounts PRUNELAB_HOME on a shared
 volume instead.
 
-A snapshot is a directory of safetensors files (adapter weights, best adapter,
-optimizer moments, RNG states) plus `state.json` (step, curve, best so far, stop
+A snapshot is a directory of safetensors files (trained weights: LoRA's or the
+whole model's; the best ones so far; optimizer moments; RNG states) plus `state.json` (step, curve, best so far, stop
 reason, optimizer hyperparameters), written beside the others and renamed into
 place, so a crash mid-write leaves the previous snapshot as the latest. Nothing is
 pickled, read or written.
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: trained/best tensors (any trained parameters), tokens_seen
 _SNAPSHOT_NAME = re.compile(r"snapshot-(\d{6})")
 
 
@@ -55,6 +55,7 @@ class CurvePoint:
 @dataclass
 class TrainingState:
     step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0  # labelled training tokens of those steps: runs compare at equal tokens
     curve: list[CurvePoint] = field(default_factory=list)
     best_step: int = 0
     best_val_loss: float | None = None  # None until step 0 is evaluated

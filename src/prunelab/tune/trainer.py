@@ -1,9 +1,11 @@
-"""The LoRA training loop and the guard that keeps it from returning a worse model.
+"""The training loop (LoRA or full parameters, any objective.py objective) and the
+guard that keeps it from returning a worse model.
 
-Validation loss (mean NLL per scored token; perplexity is its exp) is measured at
+Validation loss (mean NLL per scored token, whatever the training objective;
+perplexity is its exp) is measured at
 step 0, every `eval_every` steps and at the last step. The adapter of the best
-evaluation is kept, step 0 (the input model: LoRA's B matrices start at zero)
-included, so the result is never worse on validation than the input. Training
+evaluation is kept, step 0 (the input model: LoRA's B matrices start at zero,
+full training starts from the input's weights) included, so the result is never worse on validation than the input. Training
 stops early after `patience` evaluations without improvement, and at once on a
 non-finite training loss, gradient norm or validation loss; the best state is what
 is returned either way.
@@ -12,6 +14,9 @@ Each evaluation also writes a snapshot (see state.py); a run that finds one for 
 same job resumes from it. The data order is a function of the step (seeded
 permutations per epoch), and the torch RNG state (LoRA dropout) is saved, so a
 resumed run takes the same steps an uninterrupted one would.
+
+The best state is kept on the CPU: for full-parameter training it is a copy of the
+whole model, which an accelerator should not hold twice.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import FailedPrecondition
 from prunelab.tune.data import IGNORE_INDEX, Example, TuneData, collate
+from prunelab.tune.objective import Objective, shifted_logits, summed_nll
 from prunelab.tune.settings import TuneSettings
+from prunelab.tune.sparsity import ZeroPattern
 from prunelab.tune.state import CurvePoint, JobDirectory, TrainingState
 
 # Called with (the step about to be taken, 1-based, and the model) before its
@@ -55,6 +61,7 @@ class TrainingResult:
     total_steps: int
     resumed_from_step: int | None  # the snapshot's step when this run resumed one
     reason: str  # which step won and why
+    optimizer_bytes: int  # AdamW's moments at the end
 
 
 def learning_rate(settings: TuneSettings, step: int, total_steps: int) -> float:
@@ -90,13 +97,9 @@ def _non_finite(values: dict[str, float]) -> str:
     return ""
 
 
-def summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over the labelled tokens of `batch`, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1].float()  # position t predicts token t + 1
-    targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll, int((targets != IGNORE_INDEX).sum())
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The positions of `batch` that carry a loss (every labelled token but each example's first)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -109,8 +112,7 @@ def validation_loss(model: nn.Module, examples: list[Example], batch_size: int, 
     try:
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-            nll, count = summed_nll(model, batch)
-            total, tokens = total + nll.item(), tokens + count
+            total, tokens = total + summed_nll(*shifted_logits(model, batch)).item(), tokens + labelled_tokens(batch)
     finally:
         model.train(was_training)
     return total / tokens
@@ -141,8 +143,10 @@ class MicroBatches:
         return self._order[1]
 
 
-class LoraTrainer:
-    """Trains the LoRA parameters (those requiring gradients) of `model`."""
+class Trainer:
+    """Trains the parameters of `model` that require gradients (LoRA's, or all of
+    them) on `objective`. `keep_zeros`: set these zeros again after every update, so a
+    sparse model trained in full stays sparse (masked updates)."""
 
     def __init__(
         self,
@@ -152,6 +156,8 @@ class LoraTrainer:
         snapshots: JobDirectory,
         pad_id: int,
         report: Callable[[TrainingProgress], None],
+        objective: Objective,
+        keep_zeros: ZeroPattern | None = None,
         before_step: BeforeStep | None = None,
     ):
         self.model = model
@@ -160,6 +166,8 @@ class LoraTrainer:
         self.snapshots = snapshots
         self.pad_id = pad_id
         self.report = report
+        self.objective = objective
+        self.keep_zeros = keep_zeros
         self.before_step = before_step
         self.total_steps = settings.total_steps(len(data.train))
         self.device = next(model.parameters()).device
@@ -177,8 +185,9 @@ class LoraTrainer:
         while not state.stop:
             if self.before_step is not None:
                 self.before_step(state.step + 1, self.model)
-            loss, grad_norm = self._train_step(state.step)
+            loss, grad_norm, tokens = self._train_step(state.step)
             state.step += 1
+            state.tokens_seen += tokens
             problem = _non_finite({"loss": loss, "gradient norm": grad_norm})
             if problem:
                 state.stop, state.stop_detail = "non_finite", f"{problem} at step {state.step}"
@@ -193,31 +202,34 @@ class LoraTrainer:
             eta = (time.perf_counter() - started) / (state.step - first_step) * (self.total_steps - state.step)
             self._report(state, loss, evaluated, eta)
         self._load_parameters(self.best)
-        return TrainingResult(state, self.total_steps, resumed_from, describe(state, self.total_steps, self.settings.patience))
+        return TrainingResult(state, self.total_steps, resumed_from, describe(state, self.total_steps, self.settings.patience),
+                              self._optimizer_bytes())
 
     # ---- one step, one evaluation ----
 
-    def _train_step(self, step_index: int) -> tuple[float, float]:
+    def _train_step(self, step_index: int) -> tuple[float, float, int]:
         """One optimizer step (grad_accum micro-batches, weighted by their labelled
-        tokens); its mean loss per token and gradient norm. No update is applied when
-        either is not finite."""
+        tokens); its mean loss per token, gradient norm and labelled tokens. No update
+        is applied when the loss or the norm is not finite."""
         rate = learning_rate(self.settings, step_index + 1, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
         accumulation = self.settings.grad_accum
         batches = [self.batches[step_index * accumulation + i] for i in range(accumulation)]
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        tokens = sum(labelled_tokens(b) for b in batches)
         self.model.train()
         total = 0.0
         for batch in batches:
-            nll, _ = summed_nll(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            (nll / tokens).backward()
-            total += nll.item()
+            loss = self.objective(self.model, {k: v.to(self.device) for k, v in batch.items()})
+            (loss / tokens).backward()
+            total += loss.item()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params.values(), self.settings.max_grad_norm))
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
+            if self.keep_zeros is not None:
+                self.keep_zeros.restore(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / tokens, grad_norm
+        return total / tokens, grad_norm, tokens
 
     def _evaluate(self, state: TrainingState, train_loss: float | None) -> None:
         loss = validation_loss(self.model, self.data.validation, self.settings.batch_size, self.pad_id)
@@ -229,7 +241,7 @@ class LoraTrainer:
             return
         if state.best_val_loss is None or loss < state.best_val_loss:
             state.best_step, state.best_val_loss, state.evaluations_since_best = state.step, loss, 0
-            self.best = {name: p.detach().clone() for name, p in self.params.items()}
+            self.best = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
         else:
             state.evaluations_since_best += 1
         if self.settings.patience and state.evaluations_since_best >= self.settings.patience:
@@ -250,6 +262,10 @@ class LoraTrainer:
             rate, eta, message,
         ))
 
+    def _optimizer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for entries in self.optimizer.state.values()
+                   for t in entries.values() if torch.is_tensor(t))
+
     # ---- snapshots ----
 
     def _resume_or_start(self) -> tuple[TrainingState, int | None]:
@@ -262,10 +278,10 @@ class LoraTrainer:
             return state, None
         record, tensors = snapshot
         state = TrainingState.from_json(record["state"])
-        if set(tensors["adapter"]) != set(self.params):
-            raise FailedPrecondition(f"the snapshot in {self.snapshots.path} holds other LoRA parameters than this model has")
-        self._load_parameters(tensors["adapter"])
-        self.best = {name: t.to(self.device) for name, t in tensors["best_adapter"].items()}
+        if set(tensors["trained"]) != set(self.params):
+            raise FailedPrecondition(f"the snapshot in {self.snapshots.path} holds other trained parameters than this model has")
+        self._load_parameters(tensors["trained"])
+        self.best = tensors["best"]
         self._load_optimizer(tensors["optimizer"], record["optimizer_param_groups"])
         torch.set_rng_state(tensors["rng"]["cpu"])
         if self.device.type == "cuda":
@@ -285,7 +301,7 @@ class LoraTrainer:
             "settings": self.settings.as_dict(),
             "optimizer_param_groups": optimizer_state["param_groups"],
         }
-        tensors = {"adapter": dict(self.params), "best_adapter": self.best, "optimizer": moments, "rng": rng}
+        tensors = {"trained": dict(self.params), "best": self.best, "optimizer": moments, "rng": rng}
         self.snapshots.save(record, tensors)
 
     def _load_parameters(self, values: dict[str, torch.Tensor]) -> None:
