@@ -140,7 +140,7 @@ def test_prunelab_run_takes_a_study_to_a_report_with_every_table(study_yaml, tex
     markdown = (folder / "report.md").read_text()
     assert "tasks skipped" not in markdown
     for title in ("Table 2 — the base model", "Table 3 — parameters removed", "Table 4 — quality",
-                  "Table 5 — zero-shot accuracy, acc", "Table 6 — zero-shot accuracy, acc_norm", "LoRA tuning",
+                  "Table 5 — zero-shot accuracy, acc", "Table 6 — zero-shot accuracy, acc_norm", "Recovery: tuning runs",
                   "Table 7 — parameters, MACs, memory, latency", "Timing", "![ppl_vs_params.png]"):
         assert title in markdown, title
     for name in ("ppl_vs_params.png", "accuracy_vs_params.png", "tuning_curves.png"):

@@ -63,9 +63,16 @@ def error_lines(text: str) -> list[str]:
          "examples/bad.yaml: tuning.settings: lr: lr must be a positive number, got -1"),
         ({"tuning": {"select": [{"method": "taylor"}], "settings": {"data": "wikitext2", "learning_rate": 1}}},
          "examples/bad.yaml: tuning.settings: unknown key(s) 'learning_rate'; allowed: data, data_split"),
+        ({"tuning": {"select": [{"method": "taylor"}], "settings": {"data": "wikitext2"}, "runs": [{}, {"objective": "distil"}]}},
+         "examples/bad.yaml: tuning: runs[1].objective: unknown objective 'distil'; choose one of ce, kd, kd+ce"),
+        ({"tuning": {"select": [{"method": "taylor"}], "settings": {"data": "wikitext2"}, "runs": [{"temp": 2}]}},
+         "examples/bad.yaml: tuning: runs[0]: unknown key(s) 'temp'; allowed: data, data_split"),
+        ({"tuning": {"select": [{"method": "taylor"}], "settings": {"data": "wikitext2"}, "runs": [{}, {"name": "LoRA", "lr": 1e-3}]}},
+         "examples/bad.yaml: tuning: runs: two runs are named alike (LoRA, LoRA)"),
     ],
     ids=["method", "ratio-in-second-grid", "semantics", "unknown-key", "variant", "missing-model", "name",
-         "nothing-to-evaluate", "nothing-to-measure", "task-data-policy", "device", "tune-setting", "tune-key"],
+         "nothing-to-evaluate", "nothing-to-measure", "task-data-policy", "device", "tune-setting", "tune-key", "run-setting",
+         "run-key", "run-names"],
 )
 def test_each_mistake_names_the_file_the_field_path_and_the_allowed_values(changes, expected):
     lines = error_lines(study_text(**changes))
@@ -114,6 +121,19 @@ def test_the_default_study_is_the_promised_grid():
     assert all(i["semantics"] == "sparsity" and i["pattern"] == "unstructured" and i["calibration"] == "ptb" for i in sparse)
     assert [job.key for job in jobs if job.kind == TUNE] == ["tune taylor 20% +LoRA"]
     assert sum(job.kind == PROFILE for job in jobs) == 9  # base, seven pruned, one tuned
+
+
+def test_each_tuning_run_tunes_every_selected_model_as_its_own_measured_model():
+    tuning = {"select": [{"method": "taylor"}], "settings": {"data": "wikitext2", "steps": 10},
+              "runs": [{}, {"full": True, "objective": "kd"}, {"name": "kd-t2", "objective": "kd", "temperature": 2.0}]}
+    jobs = expand(parse_study(study_text(tuning=tuning), "runs.yaml"), frozenset({"boolq", "piqa"}))
+    tunes = {job.key: job for job in jobs if job.kind == TUNE}
+    assert list(tunes) == [f"tune taylor {r}% +{name}" for r in (20, 50) for name in ("LoRA", "full-kd", "kd-t2")]
+    kd = tunes["tune taylor 20% +full-kd"]
+    assert kd.inputs["steps"] == 10 and kd.inputs["full"] is True and kd.inputs["objective"] == "kd"
+    assert kd.meta["model"]["tuning"] == "full-kd" and len({job.inputs_hash for job in tunes.values()}) == 6
+    evaluated = {job.meta["model"]["label"] for job in jobs if job.kind == EVALUATE}
+    assert {"taylor 20% +LoRA", "taylor 20% +full-kd", "taylor 50% +kd-t2"} <= evaluated
 
 
 def test_the_tinyllama_study_reproduces_the_grid_in_both_semantics():

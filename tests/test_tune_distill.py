@@ -88,6 +88,7 @@ def test_kd_distils_from_the_model_it_was_pruned_from_which_stays_frozen(pruned,
     # kd lowers the student's next-token perplexity on text that chose nothing
     assert outcome.best_step > 0 and outcome.heldout_ppl_after < outcome.heldout_ppl_before
     assert outcome.objective == "kd" and outcome.trained == "lora" and outcome.memory["teacher_bytes"] > 0
+    assert 0 < outcome.trainable_params < 0.2 * sum(p.numel() for p in teacher.model.parameters())  # the adapters only
     assert outcome.tokens_seen == 12 * 4 * 31  # steps x examples x predicted tokens per 32-token window
     record = read_provenance(open_store().get_dir(outcome.artifact.uri))
     assert record["objective"] == "kd" and record["teacher"]["spec"] == str(tiny_dir) and record["tokens_seen"] == outcome.tokens_seen
@@ -151,6 +152,7 @@ def test_service_runs_a_kd_job_with_progress(pruned, grpc_server, grpc_channel, 
     result = events[-1].result
     assert result.objective == "kd" and result.trained == "full" and result.teacher == str(tiny_dir)
     assert not result.HasField("adapter") and result.tokens_seen == 6 * 4 * 31 and result.teacher_bytes > 0
+    assert result.trainable_params == sum(p.numel() for p in tune_job.load_model(pruned).model.parameters())
     assert result.best_step > 0 and result.heldout_ppl_after < result.heldout_ppl_before
 
 

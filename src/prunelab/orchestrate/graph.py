@@ -58,8 +58,7 @@ def expand(study: Study, skipped_tasks: frozenset[str] = frozenset()) -> list[Jo
     tuned_by_prune = _tuned_models(study, pruned)
     for prune_job, node in pruned:
         jobs += [prune_job, *_measurements(study, node, skipped_tasks)]
-        if prune_job.key in tuned_by_prune:
-            tune_job, tuned = tuned_by_prune[prune_job.key]
+        for tune_job, tuned in tuned_by_prune.get(prune_job.key, []):
             jobs += [tune_job, *_measurements(study, tuned, skipped_tasks)]
     return _hashed(jobs)
 
@@ -186,8 +185,8 @@ def _sparse_settings(grid: PruningGrid, point: dict[str, Any]) -> dict[str, Any]
     return {"pattern": point["pattern"], "mode": "block", **owl}
 
 
-def _tuned_models(study: Study, pruned: list[tuple[JobSpec, ModelNode]]) -> dict[str, tuple[JobSpec, ModelNode]]:
-    """Prune key -> (its tune job, the tuned model), for the pruned models `tuning.select` picks."""
+def _tuned_models(study: Study, pruned: list[tuple[JobSpec, ModelNode]]) -> dict[str, list[tuple[JobSpec, ModelNode]]]:
+    """Prune key -> (tune job, tuned model) of each tuning run, for the pruned models `tuning.select` picks."""
     if study.tuning is None:
         return {}
     chosen: dict[str, None] = {}  # prune keys, in grid order
@@ -200,14 +199,15 @@ def _tuned_models(study: Study, pruned: list[tuple[JobSpec, ModelNode]]) -> dict
             )
         chosen.update(dict.fromkeys(matched))
     by_key = {job.key: node for job, node in pruned}
-    tuned: dict[str, tuple[JobSpec, ModelNode]] = {}
+    tuned: dict[str, list[tuple[JobSpec, ModelNode]]] = {}
     for prune_key in chosen:
         source = by_key[prune_key]
-        label = f"{source.label} +LoRA"
-        key = f"{TUNE} {label}"
-        facts = {**source.facts, "role": "tuned", "pruned": source.label}
-        job = JobSpec(key, TUNE, {"model": source.spec, **study.tuning.settings}, (prune_key,), {"model": {"label": label, **facts}})
-        tuned[prune_key] = (job, ModelNode(label, {REFERENCE: key}, facts))
+        for name, settings in study.tuning.named_runs():
+            label = f"{source.label} +{name}"
+            key = f"{TUNE} {label}"
+            facts = {**source.facts, "role": "tuned", "pruned": source.label, "tuning": name}
+            job = JobSpec(key, TUNE, {"model": source.spec, **settings}, (prune_key,), {"model": {"label": label, **facts}})
+            tuned.setdefault(prune_key, []).append((job, ModelNode(label, {REFERENCE: key}, facts)))
     return tuned
 
 

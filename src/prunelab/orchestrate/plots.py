@@ -2,7 +2,7 @@
 average accuracy against the nonzero parameters actually kept (for a structured model
 its parameters; a sparse one keeps every dense parameter, so only its nonzero count
 places it next to the structured ones), one line per method, sparsity pattern and
-pruning scheme, and LoRA tuning curves."""
+pruning scheme, and the tuning runs' curves."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def _quality_axis(axis, models: list[ModelResults], value_of) -> bool:
     show_scheme = len({m.scheme for m in models if m.role != "base"}) > 1
     show_variant = len({m.facts["variant"] for m in models if m.role != "base" and m.facts["variant"]}) > 1
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    tuned_lines: set[str] = set()
     for model in models:
         value, kept = value_of(model), model.nonzero_kept
         if model.role == "base" or value is None or kept is None:
@@ -80,14 +81,16 @@ def _quality_axis(axis, models: list[ModelResults], value_of) -> bool:
         name = model.facts["method"] + (f"-{model.facts['variant']}" if show_variant and model.facts["variant"] else "")
         name += f" {model.pattern}" if model.pattern else ""
         name += f" ({model.scheme})" if show_scheme else ""
-        name += " +LoRA" if model.role == "tuned" else ""
+        name += f" +{model.facts.get('tuning', 'LoRA')}" if model.role == "tuned" else ""
         if base is not None and model.role == "pruned" and not lines[name]:
             lines[name].append(base)
         lines[name].append((kept * 100, value))
+        if model.role == "tuned":
+            tuned_lines.add(name)
     for name, points in sorted(lines.items()):
         points.sort()
-        axis.plot([x for x, _ in points], [y for _, y in points], marker="s" if "+LoRA" in name else "o",
-                  linestyle="--" if "+LoRA" in name else "-", label=name)
+        axis.plot([x for x, _ in points], [y for _, y in points], marker="s" if name in tuned_lines else "o",
+                  linestyle="--" if name in tuned_lines else "-", label=name)
     if base is not None:
         axis.plot(*base, marker="*", markersize=14, color="black", linestyle="none", label="base model", zorder=3)
     return bool(lines) or base is not None
@@ -104,7 +107,7 @@ def _tuning_figure(models: list[ModelResults], path: Path) -> bool:
         best = int(model.tune["best_step"])
         best_ppl = model.tune["val_ppl_after"]
         axis.plot([best], [best_ppl], marker="*", markersize=14, color=line.get_color(), linestyle="none", label=f"{model.label}: kept step {best}")
-    axis.set_title("LoRA tuning: validation perplexity")
+    axis.set_title("Recovery: validation perplexity per tuning run")
     axis.set_xlabel("optimizer step")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("validation perplexity")

@@ -74,7 +74,7 @@ def write_report(study: StudyRow, jobs: list[JobRow], folder: Path) -> dict[str,
         *_quality_tables(models, ppl_keys, tasks),
         *[_accuracy_table(models, tasks, metric) for metric in ACCURACY_METRICS if tasks],
         _families_table(models, ppl_keys, tasks),
-        _tuning_table(models),
+        _recovery_table(models, ppl_keys, tasks),
         _efficiency_table(models),
         _timing_table(models),
         _jobs_table(jobs),
@@ -202,19 +202,31 @@ def _families_table(models: list[ModelResults], ppl_keys: list[tuple[str, int]],
     return table
 
 
-def _tuning_table(models: list[ModelResults]) -> Table:
-    table = Table("table_tuning", "LoRA tuning", ["Model", "Held-out PPL before", "Held-out PPL after", "Selection PPL before",
-                                                  "Selection PPL after", "Best step", "Steps run", "Stop", "Why", "Tune s",
-                                                  "Checkpoint sha256"])
+def _recovery_table(models: list[ModelResults], ppl_keys: list[tuple[str, int]], tasks: list[str]) -> Table:
+    """Every tuning run: what trained on which objective and how many tokens, and what it bought."""
+    ppl_key = ppl_keys[0] if ppl_keys else None
+    table = Table("table_tuning", "Recovery: tuning runs", [
+        "Model", "Run", "Trained", "Objective", "Trainable params", "Tokens", "Tune s", "Held-out PPL before",
+        "Held-out PPL after", "Selection PPL before", "Selection PPL after",
+        *([f"PPL {ppl_key[0]}@{ppl_key[1]} after"] if ppl_key else []), *(["Mean acc after"] if tasks else []),
+        "Best step", "Steps run", "Stop", "Why", "Checkpoint sha256"])
     for model in models:
-        if model.tune is not None:
-            tune = model.tune
-            table.rows.append([model.label, tune.get("heldout_ppl_before"), tune.get("heldout_ppl_after"), tune["val_ppl_before"],
-                               tune["val_ppl_after"], int(tune["best_step"]), f"{int(tune['steps_run'])}/{int(tune['total_steps'])}",
-                               tune["stop"], tune["reason"], tune["wall_seconds"], model.checkpoint_sha256[:12]])
+        if model.tune is None:
+            continue
+        tune = model.tune
+        after = [model.perplexity[ppl_key].ppl if ppl_key in model.perplexity else None] if ppl_key else []
+        table.rows.append([
+            model.label, model.facts.get("tuning", ""), tune.get("trained") or "lora", tune.get("objective") or "ce",
+            int(tune.get("trainable_params") or 0) or None, int(tune.get("tokens_seen") or 0) or None, tune["wall_seconds"],
+            tune.get("heldout_ppl_before"), tune.get("heldout_ppl_after"), tune["val_ppl_before"], tune["val_ppl_after"],
+            *after, *([model.average_accuracy(tasks)] if tasks else []), int(tune["best_step"]),
+            f"{int(tune['steps_run'])}/{int(tune['total_steps'])}", tune["stop"], tune["reason"], model.checkpoint_sha256[:12],
+        ])
     table.notes.append("Perplexity on the tuner's validation text, split in two: the selection half chose the step (the guard "
                        "returns the best evaluated step, the input included, so its 'after' can only be lower), the held-out "
                        "half was never looked at while tuning and is the honest figure of recovery.")
+    table.notes.append("Trained: LoRA adapters or every parameter (full). Objective: ce, next-token loss; kd, distillation from "
+                       "the unpruned model; kd+ce, both. Tokens: labelled training tokens seen, so runs compare at equal tokens.")
     return table
 
 

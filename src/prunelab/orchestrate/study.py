@@ -187,26 +187,66 @@ class TuneSelection(Section):
 
 class Tuning(Section):
     select: Annotated[list[TuneSelection], Field(min_length=1)]
-    # TuneSettings' fields (data, steps, lr, rank, ...); checked by TuneSettings itself.
+    # TuneSettings' fields (data, steps, lr, rank, objective, full, ...); checked by TuneSettings itself.
     settings: dict[str, Any]
+    # Ways to tune each selected model, e.g. [{name: LoRA}, {name: full-kd, full: true, objective: kd}]:
+    # each run's keys override `settings`; its name (default: run_name) labels the
+    # tuned model "<pruned model> +<name>".
+    runs: Annotated[list[dict[str, Any]], Field(min_length=1)] = [{}]
 
     @field_validator("settings")
     @classmethod
     def _valid_tune_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
-        allowed = list(TuneSettings.__dataclass_fields__)
-        unknown = [key for key in value if key not in allowed]
-        if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
-        try:
-            tune_settings(value).validate()
-        except InvalidArgument as error:
-            raise ValueError(f"{error.field}: {error.reason}" if error.field else error.reason) from None
+        _check_tune_keys(value, TUNE_KEYS)
+        _check_tune_settings(value)
         return value
+
+    @model_validator(mode="after")
+    def _valid_runs(self) -> Tuning:
+        for index, run in enumerate(self.runs):
+            _check_tune_keys(run, (*TUNE_KEYS, "name"), f"runs[{index}]: ")
+            if "name" in run and (not isinstance(run["name"], str) or not re.fullmatch(r"[\w.+-]+", run["name"])):
+                raise ValueError(f"runs[{index}].name: {run['name']!r} must be a word of letters, digits, '.', '+' or '-'")
+            _check_tune_settings(self._merged(run), f"runs[{index}].")
+        names = [name for name, _ in self.named_runs()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"runs: two runs are named alike ({', '.join(names)}); give each a distinct name")
+        return self
+
+    def named_runs(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, settings) of each run: `settings` with the run's keys over them."""
+        return [(run.get("name") or run_name(tune_settings(self._merged(run))), self._merged(run)) for run in self.runs]
+
+    def _merged(self, run: dict[str, Any]) -> dict[str, Any]:
+        return {**self.settings, **{key: value for key, value in run.items() if key != "name"}}
+
+
+TUNE_KEYS = tuple(TuneSettings.__dataclass_fields__)
+
+
+def _check_tune_keys(given: dict[str, Any], allowed: tuple[str, ...], where: str = "") -> None:
+    unknown = [key for key in given if key not in allowed]
+    if unknown:
+        raise ValueError(f"{where}unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+
+
+def _check_tune_settings(given: dict[str, Any], where: str = "") -> None:
+    try:
+        tune_settings(given).validate()
+    except InvalidArgument as error:
+        raise ValueError(f"{where}{error.field}: {error.reason}" if error.field else f"{where}{error.reason}") from None
 
 
 def tune_settings(given: dict[str, Any]) -> TuneSettings:
     """TuneSettings from a study's `tuning.settings` (YAML lists become tuples)."""
     return TuneSettings(**{key: tuple(value) if isinstance(value, list) else value for key, value in given.items()})
+
+
+def run_name(settings: TuneSettings) -> str:
+    """A tuning run's default name: what trains, then the objective unless it is ce:
+    "LoRA" (the seed study's recovery), "full", "LoRA-kd", "full-kd+ce"."""
+    trained = "full" if settings.full else "LoRA"
+    return trained if settings.objective == "ce" else f"{trained}-{settings.objective}"
 
 
 class Perplexity(Section):

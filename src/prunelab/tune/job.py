@@ -73,6 +73,7 @@ class TuneOutcome:
     resumed_from_step: int | None
     precision: str
     trained: str  # lora | full
+    trainable_params: int  # LoRA's adapter weights, or every weight
     objective: str
     teacher: dict[str, str] | None  # the kd teacher's spec and sha256
     tokens_seen: int  # labelled training tokens of the steps run
@@ -131,6 +132,7 @@ def run_tune(
         zeros = ZeroPattern.of_sparse(loaded)  # before training: the input's zeros, None when it is dense
         with job_directory(job_key(loaded, data, settings, dtype, device, teacher)).locked() as snapshots:
             trained, training = _train(loaded, data, settings, snapshots, progress, before_step, teacher, zeros)
+            trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
             progress(TuneUpdate("save", TRAIN_END, f"{training.reason}; writing the model"))
             published = _publish(loaded, trained, data, settings, training, dtype, out_dir, heldout_before, zeros, teacher)
             snapshots.remove()  # the artifacts are stored; a rerun starts afresh
@@ -143,6 +145,7 @@ def run_tune(
         resumed_from_step=training.resumed_from_step,
         precision=str(dtype).removeprefix("torch."),
         trained=_trained_kind(settings),
+        trainable_params=trainable_params,
         objective=settings.objective,
         teacher=_teacher_record(teacher),
         tokens_seen=training.state.tokens_seen,

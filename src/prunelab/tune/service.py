@@ -111,6 +111,7 @@ def result_message(outcome: TuneOutcome, job_id: str) -> tuner_pb2.TuneResult:
         memory_kind=outcome.memory_kind,
         wall_seconds=outcome.wall_seconds,
         trained=outcome.trained,
+        trainable_params=outcome.trainable_params,
         objective=outcome.objective,
         teacher=outcome.teacher["spec"] if outcome.teacher else "",
         tokens_seen=outcome.tokens_seen,
