@@ -1,6 +1,9 @@
 """`prunelab tune`: recovery of a (pruned) checkpoint in this process, the tuner
 service's code: LoRA or every parameter (--full), on next-token loss or by
-distillation from the model it was pruned from (--objective kd / kd+ce). The result is never worse on validation than the input: the best
+distillation from the model it was pruned from (--objective kd / kd+ce). Under
+torchrun (`torchrun --nproc-per-node N -m prunelab.cli tune ...`) it trains
+data-parallel over the N processes, one GPU each with --device cuda (gloo on CPUs),
+with the same global batch as one process. The result is never worse on validation than the input: the best
 evaluated step wins, step 0 (the input) included. Running the same command again
 after an interruption resumes from its last evaluation."""
 
@@ -64,17 +67,21 @@ def _tune(args: argparse.Namespace) -> int:
     from prunelab.cli.progress import job_progress
     from prunelab.config import settings
     from prunelab.tune import TuneSettings, run_tune
+    from prunelab.tune.ranks import device_of_rank, process_group
 
     given = {dest: getattr(args, dest) for dest in _SETTINGS_OPTIONS if getattr(args, dest) is not None}
     if args.full:
         given["full"] = True
     if args.target_modules is not None:
         given["target_modules"] = tuple(name.strip() for name in args.target_modules.split(",") if name.strip())
-    with job_progress("tune", silent=args.json) as show:
+    device = device_of_rank(args.device or settings().torch_device())
+    with process_group(device) as ranks, job_progress("tune", silent=args.json or not ranks.main) as show:
         outcome = run_tune(
-            args.model, TuneSettings(data=args.data, **given), device=args.device or settings().torch_device(),
+            args.model, TuneSettings(data=args.data, **given), device=device,
             out_dir=args.out, progress=lambda update: show(update.fraction, f"{update.phase}: {update.message}"),
         )
+    if outcome is None:  # a torchrun rank other than 0: rank 0 prints the result
+        return 0
     if args.json:
         print(json.dumps(outcome.as_dict()))
     else:

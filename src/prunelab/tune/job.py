@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from prunelab.prune.memory import PeakMemory
 from prunelab.store import ArtifactRef, open_store
 from prunelab.tune.data import TuneData, build_tune_data, dataset_format
 from prunelab.tune.objective import Objective
+from prunelab.tune.ranks import Ranks
 from prunelab.tune.settings import TuneSettings, training_dtype
 from prunelab.tune.sparsity import ZeroPattern, sparsity_record
 from prunelab.tune.state import CurvePoint, JobDirectory, job_directory
@@ -111,15 +113,19 @@ def run_tune(
     out_dir: Path | None = None,
     progress: Progress = no_progress,
     before_step: BeforeStep | None = None,
-) -> TuneOutcome:
+) -> TuneOutcome | None:
     """Tune `model` (LoRA or all parameters, on settings.objective) and publish the
-    result, never worse on validation than the input. Bad input fails before anything is written. An interrupted run leaves its
-    state in the job directory, and the next run of the same job resumes from it.
+    result, never worse on validation than the input. Bad input fails before anything
+    is written. An interrupted run leaves its state in the job directory, and the next
+    run of the same job resumes from it. Under torchrun every rank calls this; rank 0
+    reports, publishes and returns the outcome, the others None (ranks.py).
     `before_step` is a test and diagnostics hook (see trainer.BeforeStep)."""
     check_tune_inputs(settings)
     if out_dir is not None and Path(out_dir).exists():
         raise InvalidArgument(f"{out_dir} already exists; checkpoints are never overwritten", field="out_dir")
     started = time.perf_counter()
+    ranks = Ranks.current()
+    progress = progress if ranks.main else no_progress
     dtype = training_dtype(settings.precision, device)
     cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     # The job seeds torch's global RNG (LoRA init, dropout); fork_rng gives the caller its own back.
@@ -128,14 +134,20 @@ def run_tune(
         loaded = load_model(model, dtype=dtype, device=device)
         data = build_tune_data(loaded.tokenizer, settings)
         teacher = load_teacher(loaded, settings, dtype, device)
-        heldout_before = _heldout_loss(loaded.model, data, settings, loaded.tokenizer)  # before LoRA wraps the model
+        heldout_before = validation_loss(loaded.model, data.heldout, settings.batch_size, pad_token_id(loaded.tokenizer),
+                                         ranks)  # before LoRA wraps the model
         zeros = ZeroPattern.of_sparse(loaded)  # before training: the input's zeros, None when it is dense
-        with job_directory(job_key(loaded, data, settings, dtype, device, teacher)).locked() as snapshots:
+        directory = job_directory(job_key(loaded, data, settings, dtype, device, teacher))
+        with directory.locked() if ranks.main else nullcontext(directory) as snapshots:
             trained, training = _train(loaded, data, settings, snapshots, progress, before_step, teacher, zeros)
+            if not ranks.main:
+                ranks.barrier()  # until rank 0 has published
+                return None
             trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
             progress(TuneUpdate("save", TRAIN_END, f"{training.reason}; writing the model"))
             published = _publish(loaded, trained, data, settings, training, dtype, out_dir, heldout_before, zeros, teacher)
             snapshots.remove()  # the artifacts are stored; a rerun starts afresh
+            ranks.barrier()
     outcome = TuneOutcome(
         **published,
         stop=training.state.stop,

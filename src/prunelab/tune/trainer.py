@@ -33,6 +33,7 @@ from torch import nn
 from prunelab.errors import FailedPrecondition
 from prunelab.tune.data import IGNORE_INDEX, Example, TuneData, collate
 from prunelab.tune.objective import Objective, shifted_logits, summed_nll
+from prunelab.tune.ranks import ONE_PROCESS, Ranks
 from prunelab.tune.settings import TuneSettings
 from prunelab.tune.sparsity import ZeroPattern
 from prunelab.tune.state import CurvePoint, JobDirectory, TrainingState
@@ -97,24 +98,27 @@ def _non_finite(values: dict[str, float]) -> str:
     return ""
 
 
-def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """The positions of `batch` that carry a loss (every labelled token but each example's first)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def labelled_tokens(examples: list[Example]) -> int:
+    """The positions of `examples` that carry a loss (every labelled token but each example's first)."""
+    return sum(int((example.labels[1:] != IGNORE_INDEX).sum()) for example in examples)
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> float:
-    """Mean NLL per scored token over `examples`, in eval mode (no dropout)."""
+def validation_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, ranks: Ranks = ONE_PROCESS) -> float:
+    """Mean NLL per scored token over `examples`, in eval mode (no dropout); with
+    several ranks each scores its share and the sums are reduced (every rank must call)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, tokens = 0.0, 0
+    mine = ranks.share(examples)
+    total = 0.0
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-            total, tokens = total + summed_nll(*shifted_logits(model, batch)).item(), tokens + labelled_tokens(batch)
+        for start in range(0, len(mine), batch_size):
+            batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size], pad_id).items()}
+            total += summed_nll(*shifted_logits(model, batch)).item()
     finally:
         model.train(was_training)
+    total, tokens = ranks.sum(total, labelled_tokens(mine))
     return total / tokens
 
 
@@ -122,18 +126,17 @@ class MicroBatches:
     """Micro-batch `index` of the training stream: epoch after epoch of seeded
     permutations, so where the data stands after any step needs no saving."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int):
         self.examples = examples
         self.batch_size = batch_size
         self.seed = seed
-        self.pad_id = pad_id
         self.per_epoch = max(1, len(examples) // batch_size)  # the len % batch_size examples a permutation puts last sit that epoch out
         self._order: tuple[int, torch.Tensor] | None = None
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> list[Example]:
         epoch, position = divmod(index, self.per_epoch)
         chosen = self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
-        return collate([self.examples[i] for i in chosen.tolist()], self.pad_id)
+        return [self.examples[i] for i in chosen.tolist()]
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if self._order is None or self._order[0] != epoch:
@@ -146,7 +149,8 @@ class MicroBatches:
 class Trainer:
     """Trains the parameters of `model` that require gradients (LoRA's, or all of
     them) on `objective`. `keep_zeros`: set these zeros again after every update, so a
-    sparse model trained in full stays sparse (masked updates)."""
+    sparse model trained in full stays sparse (masked updates). Under torchrun every
+    rank runs one (ranks.py); rank 0 alone saves snapshots and reports."""
 
     def __init__(
         self,
@@ -169,11 +173,12 @@ class Trainer:
         self.objective = objective
         self.keep_zeros = keep_zeros
         self.before_step = before_step
+        self.ranks = Ranks.current()
         self.total_steps = settings.total_steps(len(data.train))
         self.device = next(model.parameters()).device
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self.batches = MicroBatches(data.train, settings.batch_size, settings.seed, pad_id)
+        self.batches = MicroBatches(data.train, settings.batch_size, settings.seed)
         self.best: dict[str, torch.Tensor] = {}
 
     def run(self) -> TrainingResult:
@@ -215,14 +220,18 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = rate
         accumulation = self.settings.grad_accum
-        batches = [self.batches[step_index * accumulation + i] for i in range(accumulation)]
-        tokens = sum(labelled_tokens(b) for b in batches)
+        micro_batches = [self.batches[step_index * accumulation + i] for i in range(accumulation)]
+        tokens = sum(labelled_tokens(examples) for examples in micro_batches)  # over all ranks
         self.model.train()
         total = 0.0
-        for batch in batches:
-            loss = self.objective(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            (loss / tokens).backward()
-            total += loss.item()
+        for examples in micro_batches:
+            mine = self.ranks.share(examples)
+            if mine:
+                loss = self.objective(self.model, {k: v.to(self.device) for k, v in collate(mine, self.pad_id).items()})
+                (loss / tokens).backward()
+                total += loss.item()
+        self.ranks.sum_gradients(list(self.params.values()))
+        [total] = self.ranks.sum(total)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params.values(), self.settings.max_grad_norm))
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
@@ -232,7 +241,7 @@ class Trainer:
         return total / tokens, grad_norm, tokens
 
     def _evaluate(self, state: TrainingState, train_loss: float | None) -> None:
-        loss = validation_loss(self.model, self.data.validation, self.settings.batch_size, self.pad_id)
+        loss = validation_loss(self.model, self.data.validation, self.settings.batch_size, self.pad_id, self.ranks)
         state.curve.append(CurvePoint(state.step, _finite_or_none(train_loss), _finite_or_none(loss), _finite_or_none(perplexity_of(loss))))
         if not math.isfinite(loss):
             if state.step == 0:
@@ -250,6 +259,8 @@ class Trainer:
             state.stop = "completed"
 
     def _report(self, state: TrainingState, train_loss: float | None, evaluated: bool, eta: float | None) -> None:
+        if not self.ranks.main:
+            return
         point = state.curve[-1] if evaluated else None
         rate = learning_rate(self.settings, max(state.step, 1), self.total_steps)
         message = f"step {state.step}/{self.total_steps}"
@@ -270,6 +281,7 @@ class Trainer:
 
     def _resume_or_start(self) -> tuple[TrainingState, int | None]:
         snapshot = self.snapshots.load_latest()
+        self.ranks.barrier()  # every rank has read before rank 0 may write the first snapshot
         if snapshot is None:
             state = TrainingState()
             self._evaluate(state, None)
@@ -289,6 +301,8 @@ class Trainer:
         return state, state.step
 
     def _save(self, state: TrainingState) -> None:
+        if not self.ranks.main:
+            return
         optimizer_state = self.optimizer.state_dict()
         moments = {f"{index}.{key}": value for index, entries in optimizer_state["state"].items() for key, value in entries.items()}
         rng = {"cpu": torch.get_rng_state()}
