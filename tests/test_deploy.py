@@ -85,6 +85,7 @@ COMPOSE_VARIANTS = {
     "cpu": ["-f", "compose.yaml", "-f", "compose.cpu.yaml"],
     "single-gpu": ["-f", "compose.yaml", "-f", "compose.single-gpu.yaml"],
     "gpu-per-evaluator": ["-f", "compose.yaml", "-f", "compose.gpu-per-evaluator.yaml"],
+    "multi-gpu-tuner": ["-f", "compose.yaml", "-f", "compose.multi-gpu-tuner.yaml"],
 }
 
 
@@ -232,6 +233,16 @@ def test_compose_extra_evaluators_get_their_own_gpus_and_the_evaluator_name():
         same = ("image", "command", "environment", "healthcheck", "volumes", "init", "depends_on")
         assert {key: service.get(key) for key in same} == {key: evaluator.get(key) for key in same}, name
         assert "container_name" not in service and not service.get("ports")
+
+
+def test_compose_multi_gpu_tuner_runs_one_training_process_per_reserved_gpu():
+    services = compose_config("multi-gpu-tuner")["services"]
+    tuner = services["tuner"]
+    gpus = reserved_gpus(tuner)
+    assert int(tuner["environment"]["PRUNELAB_TUNER_PROCESSES"]) == len(gpus) == len(set(gpus)) >= 2
+    others = [gpu for name in WORKERS if name != "tuner" for gpu in reserved_gpus(services[name])]
+    assert not set(gpus) & set(others), f"the tuner shares a GPU: {gpus} vs {others}"
+    assert int(tuner["shm_size"]) >= 2**30  # NCCL's shared-memory transport
 
 
 @pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
@@ -932,7 +943,8 @@ def test_readme_commands_that_need_a_host_use_files_that_render():
             applied.add(words[3])
     for block in readme_blocks("sh"):
         compose_sets.update(tuple(value.split(":")) for value in re.findall(r"COMPOSE_FILE=(\S+)", block))
-    assert {files[-1] for files in compose_sets} >= {"compose.yaml", "compose.cpu.yaml", "compose.single-gpu.yaml", "compose.gpu-per-evaluator.yaml"}
+    assert {files[-1] for files in compose_sets} >= {"compose.yaml", "compose.cpu.yaml", "compose.single-gpu.yaml", "compose.gpu-per-evaluator.yaml",
+                                                     "compose.multi-gpu-tuner.yaml"}
     for files in compose_sets:
         checked = run_compose(*[arg for name in files for arg in ("-f", name)], "config", "--quiet")
         assert checked.returncode == 0, f"{files}: {checked.stderr}"

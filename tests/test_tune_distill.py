@@ -10,8 +10,10 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import grpc
+import psutil
 import pytest
 import torch
 from fixtures.models import tiny_causal_lm
@@ -184,6 +186,54 @@ def test_service_runs_a_kd_job_with_progress(pruned, grpc_server, grpc_channel, 
     assert not result.HasField("adapter") and result.tokens_seen == 6 * 4 * 31 and result.teacher_bytes > 0
     assert result.trainable_params == sum(p.numel() for p in tune_job.load_model(pruned).model.parameters())
     assert result.best_step > 0 and result.heldout_ppl_after < result.heldout_ppl_before
+
+
+def test_a_two_process_tuner_service_streams_the_job_of_its_torchrun_ranks(pruned, grpc_server, grpc_channel, tiny_dir):  # noqa: F811
+    server = grpc_server(registration(TunerServicer(max_concurrent_jobs=1, device="cpu", processes=2)), [SERVICE_NAME])
+    stub = tuner_pb2_grpc.TunerStub(grpc_channel(server.target))
+    request = tuner_pb2.TuneRequest(job_id="kd2", model=pruned, data="corpus", steps=6, eval_every=3, lr=3e-3, max_length=32,
+                                    objective="kd", full=True)
+    events = list(stub.Tune(request, timeout=300))
+    assert [e.metrics.step for e in events if e.HasField("metrics")] == list(range(7))
+    assert {e.progress.phase for e in events if e.HasField("progress")} == {"load", "train", "save", "done"}
+    result = events[-1].result
+    assert result.job_id == "kd2" and result.trained == "full" and result.teacher == str(tiny_dir)
+    assert result.tokens_seen == 6 * 4 * 31 and result.best_step > 0 and open_store().exists(result.artifact.uri)
+    assert result.heldout_ppl_after < result.heldout_ppl_before and job_dirs() == []
+
+
+def test_cancelling_a_two_process_job_stops_its_processes(pruned, grpc_server, grpc_channel):
+    server = grpc_server(registration(TunerServicer(max_concurrent_jobs=1, device="cpu", processes=2)), [SERVICE_NAME])
+    stub = tuner_pb2_grpc.TunerStub(grpc_channel(server.target))
+    call = stub.Tune(tuner_pb2.TuneRequest(model=pruned, data="corpus", steps=500, eval_every=100, max_length=32), timeout=300)
+    for event in call:
+        if event.HasField("metrics") and event.metrics.step >= 2:
+            break
+    assert torchrun_children()  # training, in its own processes
+    call.cancel()
+    deadline = time.monotonic() + 30
+    while torchrun_children() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not torchrun_children()
+    assert open_store().list(kind="model") == [open_store().stat(pruned)]  # nothing published
+
+
+def torchrun_children() -> list[str]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            found += [" ".join(child.cmdline())] if "torch.distributed.run" in child.cmdline() else []
+        except psutil.Error:  # ended while looked at
+            pass
+    return found
+
+
+def test_a_two_process_job_that_fails_reports_the_ranks_error(corpus, grpc_server, grpc_channel, tmp_path):  # noqa: F811
+    server = grpc_server(registration(TunerServicer(max_concurrent_jobs=1, device="cpu", processes=2)), [SERVICE_NAME])
+    stub = tuner_pb2_grpc.TunerStub(grpc_channel(server.target))
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Tune(tuner_pb2.TuneRequest(model=str(tmp_path / "no-model"), data=corpus, steps=2), timeout=300))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "no-model" in caught.value.details()
 
 
 @pytest.mark.parametrize("fields, field", [

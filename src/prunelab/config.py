@@ -66,6 +66,9 @@ class Settings:
     grpc_port: int
     grpc_max_workers: int
     max_concurrent_jobs: int
+    # Processes one tuning job trains on, data-parallel under torchrun (one GPU each
+    # with a CUDA device: the node's GPU count uses them all); 1 = in the service's process.
+    tuner_processes: int
     grpc_host: str  # bind address: 127.0.0.1 locally, [::] in containers
     device: str  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
     data_dir: Path | None  # folder of <name>/<split files> the dataset registry also reads
@@ -115,6 +118,7 @@ class Settings:
             grpc_port=_int("PRUNELAB_GRPC_PORT", 50051),
             grpc_max_workers=_int("PRUNELAB_GRPC_MAX_WORKERS", 8),
             max_concurrent_jobs=_int("PRUNELAB_MAX_CONCURRENT_JOBS", 1),
+            tuner_processes=_int("PRUNELAB_TUNER_PROCESSES", 1),
             grpc_host=os.environ.get("PRUNELAB_GRPC_HOST", "127.0.0.1"),
             device=os.environ.get("PRUNELAB_DEVICE", "auto"),
             data_dir=Path(os.environ["PRUNELAB_DATA_DIR"]).expanduser() if os.environ.get("PRUNELAB_DATA_DIR") else None,

@@ -96,6 +96,18 @@ class TuneOutcome:
         )
         return record
 
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> TuneOutcome:
+        """The outcome `as_dict` wrote (in another process), its artifacts read back from the store."""
+        store = open_store()
+        return cls(**{
+            **record,
+            "artifact": store.stat(record["artifact"]),
+            "adapter": store.stat(record["adapter"]) if record["adapter"] else None,
+            "checkpoint_dir": Path(record["checkpoint_dir"]) if record["checkpoint_dir"] else None,
+            "curve": [CurvePoint(**point) for point in record["curve"]],
+        })
+
 
 def check_tune_inputs(settings: TuneSettings) -> None:
     """Everything that can be refused before loading a model (InvalidArgument)."""

@@ -14,6 +14,7 @@ from prunelab.errors import InvalidArgument
 from prunelab.rpc.jobs import JobSlots, stream_job
 from prunelab.tune.job import TuneOutcome, TuneUpdate, check_tune_inputs, run_tune
 from prunelab.tune.settings import TuneSettings
+from prunelab.tune.spawn import SpawnedJob
 from prunelab.tune.state import CurvePoint
 from prunelab.v1 import common_pb2, tuner_pb2, tuner_pb2_grpc
 
@@ -22,17 +23,23 @@ _OPTIONAL_FIELDS = ("dropout", "patience")  # proto3 `optional`: zero is a real 
 
 
 class TunerServicer(tuner_pb2_grpc.TunerServicer):
-    def __init__(self, max_concurrent_jobs: int | None = None, device: str | None = None):
+    """`processes` > 1 (PRUNELAB_TUNER_PROCESSES): each job trains data-parallel in that
+    many torchrun processes (spawn.py), e.g. one per GPU of the node."""
+
+    def __init__(self, max_concurrent_jobs: int | None = None, device: str | None = None, processes: int | None = None):
         self.slots = JobSlots(max_concurrent_jobs or settings().max_concurrent_jobs, "tuner")
         self.device = device or settings().torch_device()
+        self.processes = processes or settings().tuner_processes
 
     def Tune(self, request: tuner_pb2.TuneRequest, context: grpc.ServicerContext) -> Iterator[tuner_pb2.TuneEvent]:
         tune_settings = settings_from_request(request)
         check_tune_inputs(tune_settings)  # INVALID_ARGUMENT before taking a slot
 
-        def job(report: Callable[[TuneUpdate], None], _should_stop: Callable[[], bool]) -> TuneOutcome:
+        def in_process(report: Callable[[TuneUpdate], None], _should_stop: Callable[[], bool]) -> TuneOutcome:
             # training stops at its next progress report (stream_job raises there)
             return run_tune(request.model, tune_settings, device=self.device, progress=report)
+
+        job = SpawnedJob(request.model, tune_settings, self.device, self.processes) if self.processes > 1 else in_process
 
         with self.slots.admit():
             for item in stream_job(job, context, name=f"tune-{request.job_id or '-'}"):
