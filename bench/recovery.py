@@ -21,8 +21,8 @@ Protocol (printed with the table):
   sampled peak RSS are that process's);
 - budget: labelled training tokens; steps = ceil(budget / (8 x 127)), so runs of one
   budget see the same tokens in the same order; the learning rate of each kind
-  (--lr-lora, --lr-full) was chosen on the tuner's selection split, never on the
-  perplexity texts below;
+  (--lr-lora, --lr-full: several values give a run each) is chosen on the tuner's
+  selection split (its "selection ppl after"), never on the perplexity texts below;
 - perplexity after recovery: raw `wikipassages` validation and tokenized WikiText-2
   valid.tokens (the evaluator's texts), the first `--windows` non-overlapping windows
   of 128 tokens of each, fp32; neither is trained or selected on.
@@ -59,8 +59,8 @@ def main() -> int:
     parser.add_argument("--budgets", default="50000,200000", help="training tokens per run, comma-separated")
     parser.add_argument("--models", default="best", help=f"pruned models, comma-separated: {', '.join(PRUNES)}")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: {', '.join(RUNS)}")
-    parser.add_argument("--lr-lora", type=float, default=1e-3)
-    parser.add_argument("--lr-full", type=float, default=1e-4)
+    parser.add_argument("--lr-lora", default="1e-3", help="LoRA's learning rate(s), comma-separated: a run per value")
+    parser.add_argument("--lr-full", default="1e-4", help="full-parameter learning rate(s), comma-separated")
     parser.add_argument("--evaluations", type=int, default=5, help="validations per run (the guard's choices)")
     parser.add_argument("--windows", type=int, default=300, help="perplexity windows of 128 tokens per text")
     parser.add_argument("--threads", type=int, default=2)
@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(rows[-1], flush=True)
         for budget in budgets:
             for name in args.runs.split(","):
-                rows.append({"model": model, "run": name, "budget": budget, **tune(pruned, name, budget, args)})
-                print(rows[-1], flush=True)
+                for lr in (args.lr_full if RUNS[name][0] else args.lr_lora).split(","):
+                    rows.append({"model": model, "run": name, "lr": float(lr), "budget": budget,
+                                 **tune(pruned, name, budget, float(lr), args)})
+                    print(rows[-1], flush=True)
     return rows
 
 
@@ -112,14 +114,14 @@ def prune(model: str) -> str:
     return prunelab("prune", "--model", "smollm2-135m", "--ratio", "0.5", *PRUNES[model])["artifact"]
 
 
-def tune(pruned: str, name: str, budget: int, args: argparse.Namespace) -> dict:
+def tune(pruned: str, name: str, budget: int, lr: float, args: argparse.Namespace) -> dict:
     full, objective = RUNS[name]
     steps = math.ceil(budget / TOKENS_PER_STEP)
     try:
         outcome = prunelab(
             "tune", "--model", pruned, "--data", "wikipassages", "--objective", objective, "--steps", str(steps),
             "--eval-every", str(max(1, steps // args.evaluations)), "--max-length", str(SEQ_LEN), "--batch-size", str(BATCH),
-            "--max-val-examples", "32", "--patience", "0", "--lr", str(args.lr_full if full else args.lr_lora),
+            "--max-val-examples", "32", "--patience", "0", "--lr", str(lr),
             "--precision", "fp32", *(["--full"] if full else []))
     except RuntimeError as error:
         return {"error": str(error)}
@@ -144,22 +146,24 @@ def perplexities(model: str, windows: int) -> dict[str, float]:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\nSmolLM2-135M at 50 % removed, recovered on raw wikipassages train; lr LoRA {args.lr_lora:g}, full "
-          f"{args.lr_full:g}; perplexity: first {args.windows} windows of {SEQ_LEN} tokens of each text, fp32.\n")
-    print("| model | run | budget (tokens) | tokens seen | best step / steps | held-out ppl before -> after | "
-          "ppl wikipassages (raw) | ppl WikiText-2 (tokenized) | trainable params | wall s | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nSmolLM2-135M at 50 % removed, recovered on raw wikipassages train; perplexity: first {args.windows} "
+          f"windows of {SEQ_LEN} tokens of each text, fp32; selection: the tuner's selection split (chose the step).\n")
+    print("| model | run | lr | budget (tokens) | tokens seen | best step / steps | selection ppl after | "
+          "held-out ppl before -> after | ppl wikipassages (raw) | ppl WikiText-2 (tokenized) | trainable params | wall s | "
+          "peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['model']} | {row['run']} | {row['budget']} | error: {row['error']} |||||||||")
+            print(f"| {row['model']} | {row['run']} | {row['lr']:g} | {row['budget']} | error: {row['error']} |||||||||")
             continue
         ppl = row["ppl"]
         if row["budget"] == 0:
-            print(f"| {row['model']} | {row['run']} | 0 | 0 | - | - | {ppl['wikipassages']:.2f} | {ppl['wikitext2']:.2f} | - | - | - |")
+            print(f"| {row['model']} | {row['run']} | - | 0 | 0 | - | - | - | {ppl['wikipassages']:.2f} | {ppl['wikitext2']:.2f} "
+                  "| - | - | - |")
             continue
         before, after = row["heldout_ppl"]
-        print(f"| {row['model']} | {row['run']} | {row['budget']} | {row['tokens_seen']} | {row['best_step']} / {row['steps']} | "
-              f"{before:.2f} -> {after:.2f} | {ppl['wikipassages']:.2f} | {ppl['wikitext2']:.2f} | "
+        print(f"| {row['model']} | {row['run']} | {row['lr']:g} | {row['budget']} | {row['tokens_seen']} | "
+              f"{row['best_step']} / {row['steps']} | {row['selection_ppl'][1]:.2f} | {before:.2f} -> {after:.2f} | {ppl['wikipassages']:.2f} | {ppl['wikitext2']:.2f} | "
               f"{row['trainable_params'] / 1e6:.2f} M | {row['wall_s']:.0f} | {row['peak_rss_gib']:.2f} |")
 
 
