@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depth-criterion", default="block-influence",
                         help="mode depth: block-influence (default), angular (consecutive layers) or last")
     parser.add_argument("--allocation", default="",
-                        help="structured: uniform (same amount per layer), mlp-first (MLP channels first, then KV groups; the first two and last layers lose at most half their MLP), global or adaptive (ranked across layers); "
+                        help="structured: uniform (same amount per layer), mlp-first (MLP channels first, then KV groups; the first two layers lose at most 15 %% of their MLP), global or adaptive (ranked across layers); "
                              "sparse: uniform or owl (by outliers) (default mlp-first unless --method names a recipe)")
     parser.add_argument("--attn-layers", default=None,
                         help="START:END, end exclusive, negatives count from the end (unset: every layer, 0:, unless --method names a recipe; LLM-Pruner's is 4:-2)")
