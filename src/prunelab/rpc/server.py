@@ -35,10 +35,45 @@ _SERVER_OPTIONS = [
 Registration = Callable[[grpc.Server], None]
 
 
+class HealthServicer(health.HealthServicer):
+    """grpc_health's servicer, but sending statuses to watchers outside its lock.
+
+    Its own `set` sends while holding the lock. A watcher whose call closes at that
+    moment runs its close callback (which takes the lock) on the server's event
+    thread, and the send waits for that thread: stopping a server with a closing
+    watcher hung CI once (grpcio-health-checking 1.85.1). Here the lock only guards
+    the bookkeeping; a send to a call that has closed meanwhile is a no-op in grpc."""
+
+    def set(self, service: str, status: int) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._server_status[service] = status
+            watchers = list(self._send_response_callbacks.get(service, ()))
+        self._send(watchers, status)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING for good, then the watchers told."""
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._gracefully_shutting_down = True
+            for service in self._server_status:
+                self._server_status[service] = not_serving
+            watchers = [send for service in self._server_status for send in self._send_response_callbacks.get(service, ())]
+        self._send(watchers, not_serving)
+
+    @staticmethod
+    def _send(watchers: list[Callable], status: int) -> None:
+        for send in watchers:
+            send(health_pb2.HealthCheckResponse(status=status))
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
-    health: health.HealthServicer
+    health: HealthServicer
     host: str
     port: int
 
@@ -86,7 +121,7 @@ def serve(
     )
     for add_servicer in register if isinstance(register, list) else [register]:
         add_servicer(server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *service_names]:  # "" is the server as a whole
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
