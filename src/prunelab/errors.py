@@ -46,3 +46,12 @@ class Unavailable(PrunelabError):
 
 class IntegrityError(FailedPrecondition):
     """Stored bytes do not match their recorded sha256: never returned as valid."""
+
+
+_BY_CODE = {cls.grpc_code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable)}
+
+
+def error_class(grpc_code: str) -> type[PrunelabError]:
+    """The domain error of a gRPC status code's name (INVALID_ARGUMENT -> InvalidArgument),
+    for failures that crossed a process boundary; PrunelabError for any other code."""
+    return _BY_CODE.get(grpc_code, PrunelabError)

@@ -302,10 +302,6 @@ def _client(target: str | None) -> Iterator[Any]:
         db.close()
 
 
-_ERRORS = {cls.grpc_code: cls for cls in (errors.InvalidArgument, errors.NotFound, errors.FailedPrecondition,
-                                          errors.ResourceExhausted, errors.Unavailable)}
-
-
 def _call(method: Any, request: Any) -> Any:
     """A call (unary, or a stream to iterate) whose failure becomes the domain error the CLI reports."""
     try:
@@ -323,4 +319,4 @@ def _converted(responses: Iterator[Any]) -> Iterator[Any]:
 
 
 def _domain_error(error: grpc.RpcError) -> errors.PrunelabError:
-    return _ERRORS.get(error.code().name, errors.PrunelabError)(error.details())
+    return errors.error_class(error.code().name)(error.details())

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prunelab.errors import PrunelabError, Unavailable
+from prunelab.errors import Unavailable, error_class
 from prunelab.rpc.status import JOB_ID_METADATA_KEY, error_detail
 
 # gRPC keeps one long-lived HTTP/2 connection per channel. Behind a Kubernetes
@@ -92,9 +92,4 @@ def domain_errors() -> Iterator[None]:
         yield
     except grpc.RpcError as error:
         detail = error_detail(error)
-        error_class = _ERROR_CLASSES.get(error.code().name, PrunelabError)
-        raise error_class(error.details() or error.code().name, field=detail.field if detail else "") from None
-
-
-# One direct subclass per status code (IntegrityError, a FailedPrecondition, is not one).
-_ERROR_CLASSES = {cls.grpc_code: cls for cls in PrunelabError.__subclasses__()}
+        raise error_class(error.code().name)(error.details() or error.code().name, field=detail.field if detail else "") from None

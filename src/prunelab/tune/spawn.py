@@ -5,7 +5,7 @@ the job (model, settings, device) to a JSON file and starts
 
 Every rank runs `run_tune` (data-parallel, ranks.py); rank 0 writes one JSON object
 per line on stdout: {"update": ...} for each progress update, then {"result": ...}
-(the outcome) or {"error": {"code", "reason", "field"}}. `SpawnedJob` is the service's
+(the outcome) or {"error": {"code", "reason", "field"}} (code: the error's gRPC status name). `SpawnedJob` is the service's
 side: it starts the processes, turns the lines back into updates and the outcome,
 and stops the processes when the call ends first.
 """
@@ -23,15 +23,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound, PrunelabError, ResourceExhausted, Unavailable
+from prunelab.errors import FailedPrecondition, PrunelabError, error_class
 from prunelab.tune.job import TuneOutcome, TuneUpdate, run_tune
 from prunelab.tune.ranks import device_of_rank, process_group
 from prunelab.tune.settings import TuneSettings
 from prunelab.tune.trainer import TrainingProgress
 
-_ERRORS: dict[str, type[PrunelabError]] = {
-    cls.__name__: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable)
-}
 STOP_GRACE_S = 10  # after SIGTERM, before SIGKILL
 
 
@@ -76,7 +73,7 @@ class SpawnedJob:
                 return TuneOutcome.from_dict(event["result"])
             elif "error" in event:
                 error = event["error"]
-                raise _ERRORS.get(error["code"], FailedPrecondition)(error["reason"], field=error.get("field") or "")
+                raise error_class(error["code"])(error["reason"], field=error.get("field") or "")
         return None
 
 
@@ -111,7 +108,7 @@ def main(argv: list[str]) -> int:
             outcome = run_tune(job["model"], settings, device=device, progress=lambda update: _emit({"update": asdict(update)}))
         except PrunelabError as error:
             if ranks.main:
-                _emit({"error": {"code": type(error).__name__, "reason": error.reason, "field": error.field}})
+                _emit({"error": {"code": error.grpc_code, "reason": error.reason, "field": error.field}})
             return 1
     if outcome is not None:
         _emit({"result": outcome.as_dict()})
