@@ -215,7 +215,8 @@ class Tuning(Section):
 
     def named_runs(self) -> list[tuple[str, dict[str, Any]]]:
         """(name, settings) of each run: `settings` with the run's keys over them."""
-        return [(run.get("name") or run_name(tune_settings(self._merged(run))), self._merged(run)) for run in self.runs]
+        merged = [self._merged(run) for run in self.runs]
+        return [(run.get("name") or run_name(tune_settings(given)), given) for run, given in zip(self.runs, merged, strict=True)]
 
     def _merged(self, run: dict[str, Any]) -> dict[str, Any]:
         return {**self.settings, **{key: value for key, value in run.items() if key != "name"}}
@@ -245,7 +246,7 @@ def tune_settings(given: dict[str, Any]) -> TuneSettings:
 def run_name(settings: TuneSettings) -> str:
     """A tuning run's default name: what trains, then the objective unless it is ce:
     "LoRA" (the seed study's recovery), "full", "LoRA-kd", "full-kd+ce"."""
-    trained = "full" if settings.full else "LoRA"
+    trained = {"lora": "LoRA", "full": "full"}[settings.trained]
     return trained if settings.objective == "ce" else f"{trained}-{settings.objective}"
 
 

@@ -30,11 +30,19 @@ from prunelab.prune.memory import PeakMemory
 from prunelab.store import ArtifactRef, open_store
 from prunelab.tune.data import TuneData, build_tune_data, dataset_format
 from prunelab.tune.objective import Objective
-from prunelab.tune.ranks import Ranks
+from prunelab.tune.ranks import ONE_PROCESS, Ranks
 from prunelab.tune.settings import TuneSettings, training_dtype
 from prunelab.tune.sparsity import ZeroPattern, sparsity_record
 from prunelab.tune.state import CurvePoint, JobDirectory, job_directory
-from prunelab.tune.trainer import BeforeStep, Trainer, TrainingProgress, TrainingResult, perplexity_of, validation_loss
+from prunelab.tune.trainer import (
+    BeforeStep,
+    Trainer,
+    TrainingProgress,
+    TrainingResult,
+    perplexity_of,
+    tensor_bytes,
+    validation_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +154,7 @@ def run_tune(
         loaded = load_model(model, dtype=dtype, device=device)
         data = build_tune_data(loaded.tokenizer, settings)
         teacher = load_teacher(loaded, settings, dtype, device)
-        heldout_before = validation_loss(loaded.model, data.heldout, settings.batch_size, pad_token_id(loaded.tokenizer),
-                                         ranks)  # before LoRA wraps the model
+        heldout_before = _heldout_loss(loaded.model, data, settings, loaded.tokenizer, ranks)  # before LoRA wraps the model
         zeros = ZeroPattern.of_sparse(loaded)  # before training: the input's zeros, None when it is dense
         directory = job_directory(job_key(loaded, data, settings, dtype, device, teacher))
         with directory.locked() if ranks.main else nullcontext(directory) as snapshots:
@@ -168,12 +175,13 @@ def run_tune(
         total_steps=training.total_steps,
         resumed_from_step=training.resumed_from_step,
         precision=str(dtype).removeprefix("torch."),
-        trained=_trained_kind(settings),
+        trained=settings.trained,
         trainable_params=trainable_params,
         objective=settings.objective,
         teacher=_teacher_record(teacher),
         tokens_seen=training.state.tokens_seen,
-        memory={"student_bytes": _weight_bytes(trained), "teacher_bytes": _weight_bytes(teacher.model) if teacher else 0,
+        memory={"student_bytes": tensor_bytes(trained.parameters()),
+                "teacher_bytes": tensor_bytes(teacher.model.parameters()) if teacher else 0,
                 "optimizer_bytes": training.optimizer_bytes},
         data=data.identity,
         input_model=loaded.source.spec,
@@ -238,14 +246,6 @@ def _teacher_record(teacher: LoadedModel | None) -> dict[str, str] | None:
     return {"spec": teacher.source.spec, "sha256": teacher.source.sha256} if teacher else None
 
 
-def _trained_kind(settings: TuneSettings) -> str:
-    return "full" if settings.full else "lora"
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def lora_config(settings: TuneSettings) -> LoraConfig:
     return LoraConfig(
         r=settings.rank,
@@ -287,8 +287,8 @@ def _train(
     return trained, trainer.run()
 
 
-def _heldout_loss(model: PreTrainedModel, data: TuneData, settings: TuneSettings, tokenizer) -> float:
-    return validation_loss(model, data.heldout, settings.batch_size, pad_token_id(tokenizer))
+def _heldout_loss(model: PreTrainedModel, data: TuneData, settings: TuneSettings, tokenizer, ranks: Ranks = ONE_PROCESS) -> float:
+    return validation_loss(model, data.heldout, settings.batch_size, pad_token_id(tokenizer), ranks)
 
 
 def _publish(
@@ -369,7 +369,7 @@ def _provenance(
     return {
         "base_model_id": source.base_id,
         "base_model_sha256": parent.get("base_model_sha256", source.sha256),
-        "method": _trained_kind(settings),
+        "method": settings.trained,
         "objective": settings.objective,
         "teacher": _teacher_record(teacher),
         "tokens_seen": training.state.tokens_seen,

@@ -51,7 +51,6 @@ class Objective:
             raise ValueError(f"unknown objective {kind!r}")
         if (kind != "ce") != (teacher is not None):
             raise ValueError(f"objective {kind!r} {'needs' if kind != 'ce' else 'takes no'} teacher")
-        self.kind = kind
         self.teacher = teacher
         self.temperature = temperature
         self.kd_weight = {"ce": 0.0, "kd": 1.0, "kd+ce": kd_weight}[kind]

@@ -86,13 +86,14 @@ def device_of_rank(device: str) -> str:
 @contextmanager
 def process_group(device: str) -> Iterator[Ranks]:
     """The process group torchrun describes (WORLD_SIZE > 1), set up for the block:
-    nccl on GPUs, gloo on CPUs. Outside torchrun, one rank of one."""
+    nccl on GPUs, gloo on CPUs. `device` is this rank's (device_of_rank). Outside
+    torchrun, one rank of one."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield Ranks.current()
         return
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.set_device(torch.device(device_of_rank(device)))
+        torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         yield Ranks.current()

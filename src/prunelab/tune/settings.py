@@ -62,6 +62,11 @@ class TuneSettings:
     kd_weight: float = 0.5  # kd+ce: kd_weight * kd + (1 - kd_weight) * ce
 
     @property
+    def trained(self) -> str:
+        """What trains: "lora" (the adapters) or "full" (every parameter)."""
+        return "full" if self.full else "lora"
+
+    @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
 

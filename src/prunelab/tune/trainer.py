@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +96,10 @@ def _non_finite(values: dict[str, float]) -> str:
         if not math.isfinite(value):
             return f"{_not_finite_word(value)} {name}"
     return ""
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def labelled_tokens(examples: list[Example]) -> int:
@@ -274,8 +278,7 @@ class Trainer:
         ))
 
     def _optimizer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for entries in self.optimizer.state.values()
-                   for t in entries.values() if torch.is_tensor(t))
+        return tensor_bytes(t for entries in self.optimizer.state.values() for t in entries.values() if torch.is_tensor(t))
 
     # ---- snapshots ----
 
