@@ -62,12 +62,13 @@ RUN apt-get update \
 # A fixed non-root uid/gid: the Kubernetes securityContext (runAsUser, fsGroup) names it.
 RUN groupadd --gid 10001 prunelab \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/prunelab --shell /usr/sbin/nologin prunelab \
- && install -d -o 10001 -g 10001 /var/lib/prunelab /var/cache/prunelab
+ && install -d -o 10001 -g 10001 /var/lib/prunelab /var/cache/prunelab /etc/prunelab/certs
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY services services
 # /var/lib/prunelab: state (the orchestrator's SQLite database) on a volume;
-# /var/cache/prunelab: converted models, verified artifact copies, hub downloads.
+# /var/cache/prunelab: converted models, verified artifact copies, hub downloads;
+# /etc/prunelab/certs: compose's certificates (a volume the certs job writes as this user).
 # Services listen on every interface inside the container (the default is loopback).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -3,6 +3,7 @@
 
     pip install grpcio==1.85.1 grpcio-tools==1.85.1
     python examples/client.py examples/smollm2.yaml --orchestrator localhost:50051 --out report/
+    # compose and Kubernetes speak mutual TLS: add --tls-dir with the CLI's certificate folder
 
 The gRPC stubs are generated at start from the .proto files (protos/ next to this
 folder, or --protos DIR) into a temporary folder: the protos are the whole contract.
@@ -84,19 +85,40 @@ def download(stub, pb2, uri: str, out: Path) -> list[Path]:
     return written
 
 
+def open_channel(target: str, tls_dir: Path | None, token: str) -> grpc.Channel:
+    """Plaintext without `tls_dir`; else TLS verified against its ca.crt, showing its
+    certificate when it has one; `token` sent with every call as a bearer token."""
+    if tls_dir is None:
+        if token:
+            raise SystemExit("--token needs --tls-dir: a token must not travel in plaintext")
+        return grpc.insecure_channel(target)
+    identity = (tls_dir / "tls.crt").is_file()
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(tls_dir / "ca.crt").read_bytes(),
+        private_key=(tls_dir / "tls.key").read_bytes() if identity else None,
+        certificate_chain=(tls_dir / "tls.crt").read_bytes() if identity else None,
+    )
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(target, credentials)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, help="a study file, e.g. examples/smollm2.yaml")
     parser.add_argument("--orchestrator", default="localhost:50051", metavar="HOST:PORT")
     parser.add_argument("--out", type=Path, default=Path("report"), help="folder for the report (default %(default)s)")
     parser.add_argument("--protos", type=Path, default=PROTOS, help="folder holding prunelab/v1/*.proto (default %(default)s)")
+    parser.add_argument("--tls-dir", type=Path, default=None,
+                        help="dial TLS: a folder with ca.crt, and tls.crt / tls.key for mTLS (`prunelab certs` writes them)")
+    parser.add_argument("--token", default="", help="a bearer token, if the deployment requires one")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="prunelab-stubs-") as stubs:
         generate_stubs(args.protos, Path(stubs))
         pb2 = importlib.import_module("prunelab.v1.orchestrator_pb2")
         pb2_grpc = importlib.import_module("prunelab.v1.orchestrator_pb2_grpc")
-        with grpc.insecure_channel(args.orchestrator) as channel:
+        with open_channel(args.orchestrator, args.tls_dir, args.token) as channel:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
             stub = pb2_grpc.OrchestratorStub(channel)
             submitted = stub.SubmitStudy(pb2.SubmitStudyRequest(study_yaml=args.study.read_text(), source=str(args.study)))

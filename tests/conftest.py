@@ -30,6 +30,9 @@ def prunelab_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.delenv("PRUNELAB_STORE", raising=False)
+    for transport in ("PRUNELAB_TLS_DIR", "PRUNELAB_TLS_CLIENT_AUTH", "PRUNELAB_AUTH_TOKEN", "PRUNELAB_AUTH_TOKEN_FILE",
+                      "PRUNELAB_ALLOW_PLAINTEXT", "PRUNELAB_GRPC_REFLECTION", "PRUNELAB_HEALTH_PORT"):
+        monkeypatch.delenv(transport, raising=False)  # a developer's own TLS setup must not leak in
     settings.cache_clear()
     yield home
     settings.cache_clear()

@@ -11,6 +11,7 @@ pins are checked against the repository instead.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 import shlex
@@ -25,6 +26,7 @@ import compose
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
 from kubernetes_validate.utils import SchemaNotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +44,7 @@ KUBERNETES_VERSION = "1.30.0"
 WORKERS = ["pruner", "tuner", "evaluator", "profiler"]
 SERVICES = ["orchestrator", *WORKERS]
 GRPC_PORT = 50051
+HEALTH_PORT = 50052  # PRUNELAB_HEALTH_PORT in the Kubernetes configuration: plaintext health for the kubelet
 METRICS_PORT = 9100  # the orchestrator's Prometheus endpoint (PRUNELAB_METRICS_PORT's default)
 IMAGE_UID = 10001  # the Dockerfile's user
 CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -279,7 +282,7 @@ def test_compose_cpu_variant_has_no_gpu():
 @pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
 def test_compose_shares_one_configuration(variant):
     services = compose_config(variant)["services"]
-    shared = services["pruner"]["environment"]
+    shared = {key: value for key, value in services["pruner"]["environment"].items() if key != "PRUNELAB_TLS_DIR"}
     for name in SERVICES:
         env = services[name]["environment"]
         assert {key: env[key] for key in shared} == shared, f"{name} differs from the shared block"
@@ -302,6 +305,32 @@ def test_compose_orchestrator_wiring():
     assert mounts[str(database.parent)]["type"] == "volume"
     assert mounts[str(database.parent)]["source"] == "state"
     assert all("state" not in [v["source"] for v in services[name].get("volumes", [])] for name in WORKERS)
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_speaks_mutual_tls_with_certificates_from_the_certs_job(variant, tmp_path):
+    """Every service serves its own certificate and requires one of the same CA; the
+    certs job, run as compose runs it, makes a certificate valid for each service's name."""
+    services = compose_config(variant)["services"]
+    job = services["certs"]
+    assert job["restart"] == "no" and job["image"] == services["pruner"]["image"]
+    assert job["command"][:4] == ["prunelab", "certs", "--out", "/etc/prunelab/certs"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["PRUNELAB_TLS_DIR"] == f"/etc/prunelab/certs/{name}" and env["PRUNELAB_TLS_CLIENT_AUTH"] == "true", name
+        assert "PRUNELAB_ALLOW_PLAINTEXT" not in env, name
+        assert services[name]["depends_on"]["certs"]["condition"] == "service_completed_successfully", name
+        mount = next(v for v in services[name]["volumes"] if v["source"] == "certs")
+        assert mount["target"] == "/etc/prunelab/certs" and mount["read_only"], name
+    names = job["command"][4:]
+    assert set(SERVICES) | {"cli"} == set(names)
+    ran = subprocess.run([sys.executable, "-m", "prunelab.cli", "certs", "--out", str(tmp_path), *names], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    for name in SERVICES:  # the name the orchestrator dials (dns:///pruner:50051) and the healthcheck's 127.0.0.1
+        cert = x509.load_pem_x509_certificate((tmp_path / name / "tls.crt").read_bytes())
+        alternative = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert name in alternative.get_values_for_type(x509.DNSName), name
+        assert ipaddress.ip_address("127.0.0.1") in alternative.get_values_for_type(x509.IPAddress), name
 
 
 def test_compose_tuner_keeps_its_snapshots_on_a_volume():
@@ -475,7 +504,7 @@ def test_one_deployment_and_service_per_service(variant):
         assert container["args"] == ["python", f"services/{name}/main.py"]
         assert (REPO / container["args"][1]).is_file(), f"{name}: {container['args'][1]} does not exist"
         metrics = [{"name": "metrics", "containerPort": METRICS_PORT}] if name == "orchestrator" else []
-        assert container["ports"] == [{"name": "grpc", "containerPort": GRPC_PORT}, *metrics]
+        assert container["ports"] == [{"name": "grpc", "containerPort": GRPC_PORT}, {"name": "health", "containerPort": HEALTH_PORT}, *metrics]
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         selector = services[name]["spec"]["selector"]
         assert selector.items() <= pod_labels.items(), f"Service {name} does not select its pods"
@@ -489,8 +518,8 @@ def test_one_deployment_and_service_per_service(variant):
 def test_every_deployment_has_grpc_probes_and_resources(variant):
     for name, deployment in of_kind(variant, "Deployment").items():
         container = the_container(deployment)
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": GRPC_PORT}, f"{name}: {probe}"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # the plaintext health port: kubelets have no certificate
+            assert container[probe]["grpc"] == {"port": HEALTH_PORT}, f"{name}: {probe}"
         for bound in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}: {bound}"
 
@@ -548,6 +577,63 @@ def test_configuration_comes_from_the_configmap_and_the_secret(variant):
         assert config["data"]["PRUNELAB_S3_ENDPOINT"], "the overlay sets the S3 endpoint"
         namespaced = [doc for doc in manifests(variant) if doc["kind"] != "Namespace"]
         assert {doc["metadata"].get("namespace") for doc in namespaced} == {"prunelab"}
+
+
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
+def test_every_pod_speaks_mutual_tls_with_its_own_secret(variant):
+    """PRUNELAB_TLS_DIR is where each pod mounts its Secret prunelab-<name>-tls, read-only;
+    the configuration requires client certificates and serves health on its own port."""
+    config = next(cm for name, cm in of_kind(variant, "ConfigMap").items() if name.startswith("prunelab-config-"))["data"]
+    assert config["PRUNELAB_TLS_CLIENT_AUTH"] == "true" and int(config["PRUNELAB_HEALTH_PORT"]) == HEALTH_PORT
+    assert "PRUNELAB_ALLOW_PLAINTEXT" not in config
+    for name, deployment in of_kind(variant, "Deployment").items():
+        mount = next(m for m in the_container(deployment)["volumeMounts"] if m["name"] == "tls")
+        assert mount == {"name": "tls", "mountPath": config["PRUNELAB_TLS_DIR"], "readOnly": True}, name
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == f"prunelab-{name}-tls", name
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions with In) matches `labels`."""
+    if selector.get("matchLabels", {}).items() - labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def ingress_allowed(variant: str, source: dict, target: dict, port: str) -> bool:
+    """NetworkPolicy semantics for a connection inside the namespace: allowed when no
+    policy selects the target pod, or one that does has a rule admitting the source
+    pod's labels on the named port."""
+    policies = [doc["spec"] for doc in of_kind(variant, "NetworkPolicy").values() if selects(doc["spec"]["podSelector"], target)]
+    if not policies:
+        return True
+    return any(
+        (not rule.get("from") or any(selects(peer["podSelector"], source) for peer in rule["from"]))
+        and (not rule.get("ports") or port in [p["port"] for p in rule["ports"]])
+        for policy in policies for rule in policy.get("ingress", [])
+    )
+
+
+@pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
+def test_network_policies_let_only_the_orchestrator_reach_the_workers(variant):
+    pods = {doc["metadata"]["name"]: doc["spec"]["template"]["metadata"]["labels"]
+            for doc in manifests(variant) if doc["kind"] in ("Deployment", "StatefulSet", "Job")}
+    intruder = {"app.kubernetes.io/name": "intruder"}  # any other pod in the namespace
+    assert not ingress_allowed(variant, intruder, intruder, "grpc"), "no default deny"
+    for worker in WORKERS:
+        assert ingress_allowed(variant, pods["orchestrator"], pods[worker], "grpc"), worker
+        for caller in (intruder, *(pods[other] for other in WORKERS)):
+            assert not ingress_allowed(variant, caller, pods[worker], "grpc"), f"{caller} reaches {worker}"
+        assert ingress_allowed(variant, intruder, pods[worker], "health"), "the kubelet's probes"
+    assert ingress_allowed(variant, intruder, pods["orchestrator"], "grpc"), "the CLI (mTLS checks it)"
+    if "minio" in pods:  # dev-minio: the store takes calls from prunelab's pods and its setup Job only
+        for caller in ("orchestrator", *WORKERS, "minio-setup"):
+            assert ingress_allowed(variant, pods[caller], pods["minio"], "s3"), caller
+        assert not ingress_allowed(variant, intruder, pods["minio"], "s3")
 
 
 @pytest.mark.parametrize("variant", ALL_K8S_VARIANTS)
@@ -879,12 +965,15 @@ def readme_commands() -> list[tuple[str, bool]]:
 def run_readme_command(line: str, workdir: Path) -> subprocess.CompletedProcess:
     """Run one README command the way this machine can: shell steps on a copy of
     .env.example in `workdir`, `docker compose config` with the Compose binary,
-    `kubectl kustomize` as it is, `kubectl create secret` without a cluster (client dry run)."""
+    `kubectl kustomize` as it is, `kubectl create secret` without a cluster (client dry run),
+    `prunelab` with this checkout's CLI."""
     words = shlex.split(line, comments=True)
     shell = {"cwd": workdir, "capture_output": True, "text": True, "timeout": 60,
              "env": {"PATH": f"{KUBECTL.parent}:/usr/bin:/bin", "HOME": str(workdir)}}
     if words[0] in ("cp", "sed"):
         return subprocess.run(["bash", "-c", line], **shell)
+    if words[0] == "prunelab":
+        return subprocess.run([sys.executable, "-m", "prunelab.cli", *words[1:]], **shell)
     if words[:2] == ["docker", "compose"]:
         assert "config" in words, f"only `docker compose config` runs without Docker: {line}"
         env_file = workdir / ".env" if (workdir / ".env").exists() else REPO / ".env.example"

@@ -5,7 +5,9 @@ and the workers calibrate and measure on it; the stub-only Python client
 (examples/client.py, which must not import torch) submits the study, follows it and
 downloads the report; a pruned checkpoint and the report come out with `prunelab
 artifact get`, through the orchestrator and straight from S3, byte for byte what
-the store holds; the orchestrator's /metrics counts the jobs."""
+the store holds; the orchestrator's /metrics counts the jobs. The cluster speaks
+mutual TLS (`up(tls=True)`): every call here shows the cluster's client certificate,
+and a caller without one is refused."""
 
 from __future__ import annotations
 
@@ -46,15 +48,15 @@ sys.exit(code)
 @pytest.fixture(scope="module")
 def running_cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster")
-    running = local_cluster.up(state_dir, orchestrator_port=0)
+    running = local_cluster.up(state_dir, orchestrator_port=0, tls=True)
     yield running
     local_cluster.down(state_dir)
 
 
 @pytest.fixture
 def deployment_store(running_cluster, monkeypatch):
-    """This process's configured store is the cluster's (as a user with its keys would have it)."""
-    for key, value in running_cluster.store_env.items():
+    """This process's configured store and certificate are the cluster's (as a user with its keys would have them)."""
+    for key, value in (running_cluster.store_env | running_cluster.client_env).items():
         monkeypatch.setenv(key, value)
     settings.cache_clear()
     return open_store()
@@ -64,6 +66,13 @@ def test_data_in_study_through_the_python_client_and_checkpoints_and_report_out(
     running_cluster, deployment_store, tiny_checkpoint, tmp_path, monkeypatch, capsys
 ):
     target = running_cluster.orchestrator
+    # no certificate, no call
+    monkeypatch.delenv("PRUNELAB_TLS_DIR")
+    settings.cache_clear()
+    assert main(["status", "--orchestrator", target]) == 1
+    assert "prunelab status: error: connections to all backends failing" in capsys.readouterr().err
+    monkeypatch.setenv("PRUNELAB_TLS_DIR", running_cluster.client_env["PRUNELAB_TLS_DIR"])
+    settings.cache_clear()
     # data in, through the orchestrator only; then it is in the deployment's store
     assert main(["data", "import", "cluster-text", str(write_text(tmp_path / "text")), "--orchestrator", target]) == 0
     dataset = get_dataset("cluster-text", store=deployment_store)
@@ -77,7 +86,8 @@ def test_data_in_study_through_the_python_client_and_checkpoints_and_report_out(
                                      calibration={"dataset": "cluster-text", "samples": 2, "seq_len": 8},
                                      evaluation=ppl_only(Path("cluster-text"))))
     client = subprocess.run(
-        [sys.executable, "-c", RUN_CLIENT_WITHOUT_TORCH, str(CLIENT), str(study), "--orchestrator", target, "--out", str(tmp_path / "report")],
+        [sys.executable, "-c", RUN_CLIENT_WITHOUT_TORCH, str(CLIENT), str(study), "--orchestrator", target,
+         "--tls-dir", running_cluster.client_env["PRUNELAB_TLS_DIR"], "--out", str(tmp_path / "report")],
         capture_output=True, text=True, timeout=600,
     )
     assert client.returncode == 0, client.stdout + client.stderr

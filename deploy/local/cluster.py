@@ -8,6 +8,10 @@ orchestrator reaches the two evaluators as one target, `ipv4:127.0.0.1:P1,127.0.
 (gRPC's ipv4 resolver takes a list; `prunelab.rpc.make_channel` round-robins
 over it), as it reaches a scaled Kubernetes Service through `dns:///evaluator:PORT`.
 
+With `--tls` (`up(tls=True)`) every connection is mutual TLS, with certificates
+that `prunelab certs` makes in `<state dir>/certs/` (a client uses `certs/cli`, as
+the `client_env` of state.json says); without it, plaintext on 127.0.0.1.
+
 PIDs, ports and the S3 key pair are in `<state dir>/state.json`, logs in
 `<state dir>/logs/`. The store's data and the orchestrator's database stay in the
 state dir across down/up; delete the folder to start afresh.
@@ -22,13 +26,15 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
 
+from prunelab.config import TransportSettings, settings
 from prunelab.errors import FailedPrecondition, PrunelabError, Unavailable
 from prunelab.rpc import check_health
+from prunelab.rpc.certs import issue_certificates
 from prunelab.store.seaweed import HOST, free_ports, start_seaweed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +87,12 @@ class Cluster:
     metrics: str = ""  # the orchestrator's Prometheus endpoint, http://host:port/metrics
     processes: list[Process] = field(default_factory=list)
     seaweed_ports: list[int] = field(default_factory=list)
+    client_env: dict[str, str] = field(default_factory=dict)  # with TLS: PRUNELAB_TLS_DIR of the CLI's certificate
+
+    def client_transport(self) -> TransportSettings:
+        """How a client of this cluster dials it: this process's settings, with the cluster's certificate."""
+        tls_dir = self.client_env.get("PRUNELAB_TLS_DIR")
+        return replace(settings().transport, tls_dir=Path(tls_dir) if tls_dir else None)
 
     def save(self) -> None:
         path = state_path(Path(self.state_dir))
@@ -119,9 +131,10 @@ def up(
     orchestrator_port: int = DEFAULT_ORCHESTRATOR_PORT,
     python: str = sys.executable,
     ready_timeout: float = READY_TIMEOUT_S,
+    tls: bool = False,
 ) -> Cluster:
     """Start the store and every service, wait until each is healthy, and return
-    the cluster. `orchestrator_port` 0 picks a free port.
+    the cluster. `orchestrator_port` 0 picks a free port; `tls`: mutual TLS everywhere.
     Raises Unavailable (after stopping what it started) if one does not come up."""
     state_dir = state_dir.resolve()
     _refuse_if_running(state_dir)
@@ -153,11 +166,12 @@ def up(
         # torch thread each, so concurrent jobs do not oversubscribe the CPU.
         base_env = {**os.environ, **cluster.store_env, "PRUNELAB_GRPC_HOST": HOST,
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        tls_env = _certificates(state_dir / "certs", cluster) if tls else lambda _name: {}
         for name in WORKERS:
             replica_ports = [next(ports) for _ in range(WORKERS[name])]
             for index, port in enumerate(replica_ports, start=1):
                 label = f"{name}-{index}" if WORKERS[name] > 1 else name
-                cluster.processes.append(_spawn(name, label, port, base_env, logs, python))
+                cluster.processes.append(_spawn(name, label, port, base_env | tls_env(name), logs, python))
             cluster.targets[name] = ipv4_target(replica_ports)
         orchestrator_env = {
             **base_env,
@@ -165,6 +179,7 @@ def up(
             "PRUNELAB_ORCHESTRATOR_DB": str(state_dir / "orchestrator.db"),
             "PRUNELAB_METRICS_PORT": str(metrics_port := next(ports)),
             **{f"PRUNELAB_{name.upper()}_ADDR": target for name, target in cluster.targets.items()},
+            **tls_env(ORCHESTRATOR),
         }
         cluster.processes.append(_spawn(ORCHESTRATOR, ORCHESTRATOR, orchestrator_port, orchestrator_env, logs, python))
         cluster.targets[ORCHESTRATOR] = cluster.orchestrator
@@ -175,6 +190,14 @@ def up(
         down(state_dir)
         raise
     return cluster
+
+
+def _certificates(folder: Path, cluster: Cluster):
+    """A certificate per service and for clients in `folder`; the clients' recorded in
+    `cluster`. Returns the environment that puts a service on mutual TLS."""
+    issue_certificates(folder, [*WORKERS, ORCHESTRATOR, "cli"], [], days=30)
+    cluster.client_env = {"PRUNELAB_TLS_DIR": str(folder / "cli")}
+    return lambda name: {"PRUNELAB_TLS_DIR": str(folder / name), "PRUNELAB_TLS_CLIENT_AUTH": "true"}
 
 
 def _refuse_if_running(state_dir: Path) -> None:
@@ -205,13 +228,14 @@ def _spawn(service: str, label: str, port: int, env: dict[str, str], logs: Path,
 
 
 def _wait_healthy(cluster: Cluster, timeout: float) -> None:
+    transport = cluster.client_transport()
     pending = [p for p in cluster.processes if p.port is not None]
     deadline = time.monotonic() + timeout
     while pending:
         for process in list(pending):
             if process.handle() is None:
                 raise Unavailable(f"{process.name} exited during startup; the end of {process.log}:\n{_tail(process.log)}")
-            if _health(process) == "SERVING":
+            if _health(process, transport) == "SERVING":
                 print(f"{process.name:<14} SERVING on {HOST}:{process.port}")
                 pending.remove(process)
         if pending and time.monotonic() > deadline:
@@ -221,9 +245,9 @@ def _wait_healthy(cluster: Cluster, timeout: float) -> None:
             time.sleep(POLL_S)
 
 
-def _health(process: Process) -> str:
+def _health(process: Process, transport: TransportSettings) -> str:
     try:
-        return check_health(f"{HOST}:{process.port}", process.health_service, timeout=2.0)
+        return check_health(f"{HOST}:{process.port}", process.health_service, timeout=2.0, transport=transport)
     except Unavailable:
         return "UNREACHABLE"
 
@@ -274,7 +298,7 @@ def status(state_dir: Path = STATE_DIR) -> dict[str, str]:
         if process.handle() is None:
             states[process.name] = "exited"
         else:
-            states[process.name] = _health(process) if process.port is not None else "running"
+            states[process.name] = _health(process, cluster.client_transport()) if process.port is not None else "running"
     return states
 
 
@@ -285,13 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     start = commands.add_parser("up", help="start the cluster and wait until every service is healthy")
     start.add_argument("--orchestrator-port", type=int, default=DEFAULT_ORCHESTRATOR_PORT, help="0: any free port (default %(default)s)")
     start.add_argument("--timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for health (default %(default)s)")
+    start.add_argument("--tls", action="store_true", help="mutual TLS between every process (certificates in STATE_DIR/certs)")
     commands.add_parser("down", help="stop every process of the cluster")
     commands.add_parser("status", help="each process's health")
     args = parser.parse_args(argv)
 
     if args.command == "up":
         try:
-            cluster = up(args.state_dir, orchestrator_port=args.orchestrator_port, ready_timeout=args.timeout)
+            cluster = up(args.state_dir, orchestrator_port=args.orchestrator_port, ready_timeout=args.timeout, tls=args.tls)
         except PrunelabError as err:
             print(f"up-local: {err.reason}", file=sys.stderr)
             return 1
@@ -300,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(f"store: {cluster.store_env['PRUNELAB_STORE']} at http://{cluster.store_env['PRUNELAB_S3_ENDPOINT']}")
         print(f"logs:  {Path(cluster.state_dir) / 'logs'}")
-        print(f"orchestrator: {cluster.orchestrator}   (prunelab run STUDY.yaml --orchestrator {cluster.orchestrator})")
+        client = "".join(f"{key}={value} " for key, value in cluster.client_env.items())
+        print(f"orchestrator: {cluster.orchestrator}   ({client}prunelab run STUDY.yaml --orchestrator {cluster.orchestrator})")
         print(f"metrics: {cluster.metrics}")
         print("stop it with: make down-local")
         return 0

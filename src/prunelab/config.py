@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunelab.errors import InvalidArgument
@@ -44,13 +44,43 @@ def _number(name: str, default, parse, what: str):
         raise InvalidArgument(f"{name}={raw!r} is not {what}", field=name) from None
 
 
+def _token() -> str:
+    """PRUNELAB_AUTH_TOKEN, or the first line of the file PRUNELAB_AUTH_TOKEN_FILE (a mounted Secret)."""
+    token = os.environ.get("PRUNELAB_AUTH_TOKEN", "")
+    path = os.environ.get("PRUNELAB_AUTH_TOKEN_FILE", "")
+    if token and path:
+        raise InvalidArgument("set PRUNELAB_AUTH_TOKEN or PRUNELAB_AUTH_TOKEN_FILE, not both", field="PRUNELAB_AUTH_TOKEN_FILE")
+    if path:
+        try:
+            token = Path(path).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise InvalidArgument(f"PRUNELAB_AUTH_TOKEN_FILE: cannot read {path}: {err.strerror}", field="PRUNELAB_AUTH_TOKEN_FILE") from None
+        if not token:
+            raise InvalidArgument(f"PRUNELAB_AUTH_TOKEN_FILE: {path} is empty", field="PRUNELAB_AUTH_TOKEN_FILE")
+    return token
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint: str  # host:port, no scheme
     access_key: str
-    secret_key: str
+    secret_key: str = field(repr=False)  # never in a log line or an error message
     secure: bool  # TLS
     region: str | None
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """How this process's gRPC servers and channels are secured (README, Security)."""
+
+    # A folder in cert-manager's layout: tls.crt and tls.key (this process's certificate:
+    # served, and shown to servers that ask for one) and ca.crt (the CA that signed the
+    # other side). Set: servers serve TLS only and channels dial TLS only. None: plaintext.
+    tls_dir: Path | None
+    client_auth: bool  # mTLS: servers refuse clients without a certificate signed by ca.crt
+    token: str = field(repr=False)  # bearer token servers require and channels send; "" = none
+    reflection: bool  # servers list their services for grpcurl and friends
+    allow_plaintext: bool  # channels may dial a non-loopback address without TLS
 
 
 @dataclass(frozen=True)
@@ -64,6 +94,7 @@ class Settings:
     log_level: str
     log_format: str  # "text" or "json"
     grpc_port: int
+    health_port: int | None  # a plaintext health-only port for TLS-less probes; None: none
     grpc_max_workers: int
     max_concurrent_jobs: int
     # Processes one tuning job trains on, data-parallel under torchrun (one GPU each
@@ -85,6 +116,7 @@ class Settings:
     worker_ready_timeout_s: int
     metrics_port: int  # the orchestrator's Prometheus /metrics; 0 turns it off
     max_upload_bytes: int  # largest dataset the orchestrator accepts over gRPC
+    transport: TransportSettings
 
     def torch_device(self) -> str:
         """The device jobs run on; "auto" picks CUDA when this host has it."""
@@ -116,6 +148,7 @@ class Settings:
             log_level=os.environ.get("PRUNELAB_LOG_LEVEL", "INFO").upper(),
             log_format=log_format,
             grpc_port=_int("PRUNELAB_GRPC_PORT", 50051),
+            health_port=_int("PRUNELAB_HEALTH_PORT", 0) if os.environ.get("PRUNELAB_HEALTH_PORT") else None,
             grpc_max_workers=_int("PRUNELAB_GRPC_MAX_WORKERS", 8),
             max_concurrent_jobs=_int("PRUNELAB_MAX_CONCURRENT_JOBS", 1),
             tuner_processes=_int("PRUNELAB_TUNER_PROCESSES", 1),
@@ -131,6 +164,13 @@ class Settings:
             worker_ready_timeout_s=_int("PRUNELAB_WORKER_READY_TIMEOUT_S", 900),
             metrics_port=_int("PRUNELAB_METRICS_PORT", 9100),
             max_upload_bytes=_int("PRUNELAB_MAX_UPLOAD_BYTES", 4 * 2**30),
+            transport=TransportSettings(
+                tls_dir=Path(os.environ["PRUNELAB_TLS_DIR"]).expanduser() if os.environ.get("PRUNELAB_TLS_DIR") else None,
+                client_auth=_bool("PRUNELAB_TLS_CLIENT_AUTH", False),
+                token=_token(),
+                reflection=_bool("PRUNELAB_GRPC_REFLECTION", True),
+                allow_plaintext=_bool("PRUNELAB_ALLOW_PLAINTEXT", False),
+            ),
         )
 
 

@@ -29,7 +29,7 @@ EPILOG = "Run `prunelab COMMAND --help` for a command's options."
 COMMAND_MODULES = {
     "data": "data", "prune": "prune", "tune": "tune", "evaluate": "evaluate", "profile": "profile",
     "run": "study", "status": "study", "watch": "study", "report": "study", "cancel": "study",
-    "doctor": "doctor", "artifact": "artifact",
+    "doctor": "doctor", "artifact": "artifact", "certs": "certs",
 }
 
 EXIT_USAGE = 2  # argparse's own code for bad usage; domain errors use it too

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from prunelab.config import TransportSettings, settings
 from prunelab.errors import Unavailable, error_class
+from prunelab.rpc.security import channel_credentials, check_plaintext_allowed, tls_name_options, with_token
 from prunelab.rpc.status import JOB_ID_METADATA_KEY, error_detail
 
 # gRPC keeps one long-lived HTTP/2 connection per channel. Behind a Kubernetes
@@ -49,10 +51,21 @@ _CHANNEL_OPTIONS = [
 HEALTH_CHECK_TIMEOUT_S = 5.0
 
 
-def make_channel(target: str) -> grpc.Channel:
-    """An insecure channel to "host:port" or "dns:///name:port" (every address of a
-    headless service), with round-robin balancing, keepalive and UNAVAILABLE retries."""
-    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+def make_channel(target: str, transport: TransportSettings | None = None) -> grpc.Channel:
+    """A channel to "host:port" or "dns:///name:port" (every address of a headless
+    service), with round-robin balancing, keepalive and UNAVAILABLE retries; TLS (and
+    a client certificate, a bearer token) as the environment configures them. A
+    plaintext channel off this machine is refused unless PRUNELAB_ALLOW_PLAINTEXT.
+    `transport` replaces the environment's security settings (a tool dialing a
+    cluster it started, with the cluster's certificates)."""
+    transport = transport or settings().transport
+    credentials = channel_credentials(transport)
+    if credentials is None:
+        check_plaintext_allowed(target, transport)
+        channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS + tls_name_options(target))
+    return with_token(channel, transport.token)
 
 
 def wait_ready(channel: grpc.Channel, timeout: float) -> None:
@@ -63,11 +76,13 @@ def wait_ready(channel: grpc.Channel, timeout: float) -> None:
         raise Unavailable(f"no connection within {timeout:g} s") from None
 
 
-def check_health(target: str, service: str = "", timeout: float = HEALTH_CHECK_TIMEOUT_S) -> str:
+def check_health(
+    target: str, service: str = "", timeout: float = HEALTH_CHECK_TIMEOUT_S, transport: TransportSettings | None = None
+) -> str:
     """The health status name ("SERVING", "NOT_SERVING", "SERVICE_UNKNOWN") the server
     at `target` reports for `service` ("" is the whole server); `Unavailable` if it
-    cannot be asked."""
-    with make_channel(target) as channel:
+    cannot be asked. `transport`: as for `make_channel`."""
+    with make_channel(target, transport) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

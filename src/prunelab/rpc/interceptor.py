@@ -10,7 +10,7 @@ from prunelab.rpc.status import guard_stream, guard_unary
 
 # Each kind of method handler: its constructor, and the guard for its behavior
 # (by whether it answers with one response or a stream).
-_HANDLER_KINDS = {
+HANDLER_KINDS = {
     "unary_unary": (grpc.unary_unary_rpc_method_handler, guard_unary),
     "stream_unary": (grpc.stream_unary_rpc_method_handler, guard_unary),
     "unary_stream": (grpc.unary_stream_rpc_method_handler, guard_stream),
@@ -41,7 +41,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    for kind, (make_handler, guard) in _HANDLER_KINDS.items():
+    for kind, (make_handler, guard) in HANDLER_KINDS.items():
         behavior = getattr(handler, kind)
         if behavior is not None:
             return make_handler(guard(behavior, method), handler.request_deserializer, handler.response_serializer)

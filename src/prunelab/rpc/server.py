@@ -1,5 +1,6 @@
-"""Start a gRPC server the way every prunelab service runs: error interceptor, standard
-health and reflection services, graceful shutdown."""
+"""Start a gRPC server the way every prunelab service runs: TLS / mTLS and token
+checks when configured, error interceptor, standard health and (optional) reflection
+services, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prunelab.config import settings
 from prunelab.logs import setup_logging
 from prunelab.rpc.interceptor import ErrorInterceptor
+from prunelab.rpc.security import TokenInterceptor, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,9 @@ class RunningServer:
     health: HealthServicer
     host: str
     port: int
+    # the plaintext, health-only server for probes that cannot speak TLS (None: none)
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
 
     @property
     def target(self) -> str:
@@ -88,6 +93,8 @@ class RunningServer:
         `grace` seconds (None: cancel them now), then return."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None).wait()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops; False if `timeout` passed first."""
@@ -101,6 +108,7 @@ def serve(
     port: int | None = None,
     host: str | None = None,
     max_workers: int | None = None,
+    health_port: int | None = None,
 ) -> RunningServer:
     """Start a server with the given servicers and return at once.
 
@@ -108,15 +116,20 @@ def serve(
     `service_names` are their full names ("prunelab.v1.Pruner"), reported SERVING by the
     health service and listed by reflection. `port` 0 picks a free port; None and
     `host`/`max_workers` None come from the environment (PRUNELAB_GRPC_PORT,
-    PRUNELAB_GRPC_HOST, PRUNELAB_GRPC_MAX_WORKERS).
+    PRUNELAB_GRPC_HOST, PRUNELAB_GRPC_MAX_WORKERS); TLS, client certificates, the
+    token and reflection too (`config.TransportSettings`). `health_port` (None: from
+    PRUNELAB_HEALTH_PORT, unset there: none) adds a plaintext server with the health
+    service alone, for probes that cannot present a certificate (Kubernetes' gRPC probes).
     """
     cfg = settings()
+    transport = cfg.transport
+    credentials = server_credentials(transport)  # a bad certificate folder fails before binding
     # containers set PRUNELAB_GRPC_HOST=[::]; loopback by default so a developer's
     # server is never reachable from the network by accident
-    host = host or settings().grpc_host
+    host = host or cfg.grpc_host
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers or cfg.grpc_max_workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[*([TokenInterceptor(transport.token)] if transport.token else []), ErrorInterceptor()],
         options=_SERVER_OPTIONS,
     )
     for add_servicer in register if isinstance(register, list) else [register]:
@@ -125,11 +138,31 @@ def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *service_names]:  # "" is the server as a whole
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound_port = server.add_insecure_port(f"{host}:{cfg.grpc_port if port is None else port}")
+    if transport.reflection:
+        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{host}:{cfg.grpc_port if port is None else port}"
+    bound_port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     server.start()
-    log.info("serving %s on %s:%d", ", ".join(service_names), host, bound_port)
-    return RunningServer(server, health_servicer, host, bound_port)
+    log.info(
+        "serving %s on %s:%d (%s%s)", ", ".join(service_names), host, bound_port,
+        ("mTLS" if transport.client_auth else "TLS") if credentials else "plaintext", ", token required" if transport.token else "",
+    )
+    running = RunningServer(server, health_servicer, host, bound_port)
+    health_port = cfg.health_port if health_port is None else health_port
+    if health_port is not None:
+        running.health_server, running.health_port = _health_only(health_servicer, f"{host}:{health_port}")
+    return running
+
+
+def _health_only(health_servicer: HealthServicer, address: str) -> tuple[grpc.Server, int]:
+    """A plaintext server on `address` answering health checks alone, from threads of
+    its own: it tells only SERVING or not, and a busy main server cannot starve it."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"), options=_SERVER_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    server.start()
+    log.info("health checks, plaintext, on %s", address.rpartition(":")[0] + f":{port}")
+    return server, port
 
 
 def run_forever(
