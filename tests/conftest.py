@@ -17,6 +17,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TEST_CACHE = REPO / ".prunelab" / "test-cache"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def read_roots(tmp_path_factory):
+    """Servers in tests (in this process and the local cluster's) may read the files
+    tests make and the shared data, as a deployment names its data folders in
+    PRUNELAB_READ_ROOTS; everything else stays refused to them (prunelab.access)."""
+    roots = [tmp_path_factory.getbasetemp(), TEST_CACHE, REPO / "tests", REPO.parent / "shared"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNELAB_READ_ROOTS", ":".join(str(root) for root in roots))
+        yield roots
+
+
 @pytest.fixture(autouse=True)
 def prunelab_home(tmp_path, monkeypatch):
     """Every test gets its own empty PRUNELAB_HOME (store, state) and offline mode;

@@ -103,6 +103,10 @@ class Settings:
     grpc_host: str  # bind address: 127.0.0.1 locally, [::] in containers
     device: str  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
     data_dir: Path | None  # folder of <name>/<split files> the dataset registry also reads
+    # Folders under which a remote request may name local files (prunelab.access);
+    # PRUNELAB_DATA_DIR is one too. Hub orgs a remote request may name ids of (empty: any).
+    read_roots: tuple[Path, ...]
+    hub_orgs: tuple[str, ...]
     # The orchestrator: gRPC targets of the workers ("host:port", "dns:///evaluator:50051",
     # "ipv4:127.0.0.1:p1,127.0.0.1:p2"); None runs that kind of job in-process.
     pruner_addr: str | None
@@ -155,6 +159,8 @@ class Settings:
             grpc_host=os.environ.get("PRUNELAB_GRPC_HOST", "127.0.0.1"),
             device=os.environ.get("PRUNELAB_DEVICE", "auto"),
             data_dir=Path(os.environ["PRUNELAB_DATA_DIR"]).expanduser() if os.environ.get("PRUNELAB_DATA_DIR") else None,
+            read_roots=tuple(Path(p).expanduser() for p in os.environ.get("PRUNELAB_READ_ROOTS", "").split(os.pathsep) if p),
+            hub_orgs=tuple(org.strip() for org in os.environ.get("PRUNELAB_HUB_ORGS", "").split(",") if org.strip()),
             pruner_addr=os.environ.get("PRUNELAB_PRUNER_ADDR") or None,
             tuner_addr=os.environ.get("PRUNELAB_TUNER_ADDR") or None,
             evaluator_addr=os.environ.get("PRUNELAB_EVALUATOR_ADDR") or None,

@@ -25,6 +25,13 @@ class NotFound(PrunelabError):
     grpc_code = "NOT_FOUND"
 
 
+class PermissionDenied(PrunelabError):
+    """The caller may not make this service read what it named (a path outside the
+    read roots, a hub id while offline); the message never says whether it exists."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(PrunelabError):
     """The request is valid but the system is not in a state to serve it
     (dataset not imported while offline, corrupted artifact)."""
@@ -48,7 +55,9 @@ class IntegrityError(FailedPrecondition):
     """Stored bytes do not match their recorded sha256: never returned as valid."""
 
 
-_BY_CODE = {cls.grpc_code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable)}
+_BY_CODE = {
+    cls.grpc_code: cls for cls in (InvalidArgument, NotFound, PermissionDenied, FailedPrecondition, ResourceExhausted, Unavailable)
+}
 
 
 def error_class(grpc_code: str) -> type[PrunelabError]:

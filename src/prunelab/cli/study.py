@@ -259,10 +259,18 @@ def _print_submitted(response: orchestrator_pb2.SubmitStudyResponse) -> None:
 
 
 def _save_files(report: orchestrator_pb2.GetReportResponse, folder: Path) -> Path:
-    for item in report.files:
-        target = folder / item.name
+    """Write the report's files into `folder`; names come from the server, so each must
+    stay inside it (no absolute path, no '..', no symlink out), checked before any is written."""
+    from prunelab.store.manifest import safe_relative_path
+
+    root = folder.resolve()
+    targets = [(root / safe_relative_path(item.name), item.content) for item in report.files]
+    for target, _ in targets:
+        if not target.resolve().is_relative_to(root):
+            raise errors.IntegrityError(f"report file {target.relative_to(root)} would be written outside {folder}", field="name")
+    for target, content in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(item.content)
+        target.write_bytes(content)
     return folder
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from prunelab.access import check_hub_org, confined, inside_read_roots, local_path
 from prunelab.config import settings
 from prunelab.data import hub
 from prunelab.data.corpora import BUILTIN_CORPORA, FALLBACK_SOURCE, HubSource, fallback_text
@@ -133,6 +134,8 @@ def resolve_text(name_or_path: str, split: str = "validation", store: ArtifactSt
     if local is not None:
         return _file_text(local)
     corpus = BUILTIN_CORPORA.get(name_or_path)
+    if corpus is None:
+        check_hub_org(name_or_path, field="dataset")
     source = corpus.hub if corpus else HubSource(name_or_path, None, "text")
     try:
         rows = hub.dataset_rows(source.path, source.config, source.split_to_read(split))
@@ -150,6 +153,7 @@ def load_records(name: str, split: str, store: ArtifactStore | None = None) -> l
     local = _local_split(name, split, store, want="records")
     if local is not None:
         return read_records(local)
+    check_hub_org(name, field="dataset")
     try:
         return hub.dataset_rows(name, None, split)
     except Unavailable as err:
@@ -266,7 +270,7 @@ def _local_split(name: str, split: str, store: ArtifactStore | None, want: str) 
     """The file for `split` of `name` that needs no hub: stored, a local path, or in the data dir."""
     return (
         _stored_split_file(name, split, store, want)
-        or _local_split_file(Path(name), split)
+        or _local_split_file(local_path(name, field="dataset"), split)
         or _data_dir_split_file(name, split)
     )
 
@@ -291,7 +295,9 @@ def _stored_split_file(name: str, split: str, store: ArtifactStore | None, want:
     return store.get_dir(dataset.uri) / dataset.splits[split].file
 
 
-def _local_split_file(path: Path, split: str) -> Path | None:
+def _local_split_file(path: Path | None, split: str) -> Path | None:
+    if path is None:
+        return None
     if path.is_file():
         return path
     if path.is_dir():
@@ -303,7 +309,10 @@ def _data_dir_split_file(name: str, split: str) -> Path | None:
     data_dir = settings().data_dir
     if data_dir is None or Path(name).is_absolute() or ".." in Path(name).parts:
         return None
-    return _local_split_file(data_dir / name, split)
+    path = data_dir / name
+    if path.exists() and confined():
+        inside_read_roots(path, name, field="dataset")  # a symlink out of the data folder is refused
+    return _local_split_file(path, split)
 
 
 def _file_text(path: Path) -> str:

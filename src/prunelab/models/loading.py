@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from prunelab.access import check_hub_id, local_path, refuse_path
 from prunelab.config import settings
 from prunelab.data import hub
 from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -102,12 +103,14 @@ def resolve_model(spec: str) -> ModelSource:
     entry = registered_model(spec)
     if entry is not None:
         return _named_source(spec, entry)
-    path = Path(spec).expanduser()
-    if path.exists():
+    path = local_path(spec, field="model")
+    if path is not None:
         return _local_source(spec, path.resolve())
     if HUB_ID.fullmatch(spec):
+        check_hub_id(spec, field="model")
         return _hub_source(spec)
     if "/" in spec or spec.startswith((".", "~")) or spec.endswith(".gguf"):
+        refuse_path(spec, field="model")
         raise NotFound(f"{spec}: no such file or directory", field="model")
     raise InvalidArgument(
         f"unknown model name {spec!r}: registered names are {', '.join(registered_names())} "

@@ -21,7 +21,8 @@ HANDLER_KINDS = {
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Wraps every prunelab handler so a raised `PrunelabError` ends the call with its
     status code (reason as details, `ErrorDetail` in trailing metadata) and anything
-    else with INTERNAL, and sets the job id from the `x-prunelab-job-id` metadata.
+    else with INTERNAL, sets the job id from the `x-prunelab-job-id` metadata, and
+    confines what the call may make this host read (prunelab.access).
 
     gRPC's own services (`grpc.health.v1`, `grpc.reflection.*`) are left untouched:
     they report their own statuses, and a wrapper would hide the health Watch
@@ -44,5 +45,5 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
     for kind, (make_handler, guard) in HANDLER_KINDS.items():
         behavior = getattr(handler, kind)
         if behavior is not None:
-            return make_handler(guard(behavior, method), handler.request_deserializer, handler.response_serializer)
+            return make_handler(guard(behavior, method, remote=True), handler.request_deserializer, handler.response_serializer)
     raise ValueError(f"{method}: method handler has no behavior")

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prunelab.access import confine_process
 from prunelab.config import settings
 from prunelab.logs import setup_logging
 from prunelab.rpc.interceptor import ErrorInterceptor
@@ -185,6 +186,7 @@ def run_forever(
     """
     cfg = settings()
     setup_logging(cfg.log_level, cfg.log_format)
+    confine_process()  # a service reads only what requests may name (prunelab.access)
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     running = serve(register, service_names=service_names, port=port, host=host, max_workers=max_workers)

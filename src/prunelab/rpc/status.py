@@ -9,6 +9,7 @@ internals and help no caller.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from prunelab.access import remote_request
 from prunelab.errors import PrunelabError
 from prunelab.logs import current_job_id, job_context
 from prunelab.v1.common_pb2 import ErrorDetail
@@ -85,18 +87,28 @@ def _run_step(step: Callable[[], T], context: grpc.ServicerContext, method: str)
         raise  # not reached: abort_with_status raises to end the call
 
 
-def guard_unary(behavior: Callable[[Any, grpc.ServicerContext], T], method: str) -> Callable[[Any, grpc.ServicerContext], T]:
-    """`behavior` (request or request iterator → one response) with error mapping, under the call's job id."""
+@contextlib.contextmanager
+def _call_context(job_id: str, remote: bool) -> Iterator[None]:
+    """The job id for logs and, for a call from another process, confinement (prunelab.access)."""
+    with job_context(job_id), remote_request() if remote else contextlib.nullcontext():
+        yield
+
+
+def guard_unary(
+    behavior: Callable[[Any, grpc.ServicerContext], T], method: str, *, remote: bool = False
+) -> Callable[[Any, grpc.ServicerContext], T]:
+    """`behavior` (request or request iterator → one response) with error mapping, under
+    the call's job id; `remote`: the call came over a socket."""
 
     def guarded(request: Any, context: grpc.ServicerContext) -> T:
-        with job_context(job_id_from(context.invocation_metadata())):
+        with _call_context(job_id_from(context.invocation_metadata()), remote):
             return _run_step(lambda: behavior(request, context), context, method)
 
     return guarded
 
 
 def guard_stream(
-    behavior: Callable[[Any, grpc.ServicerContext], Iterator[T]], method: str
+    behavior: Callable[[Any, grpc.ServicerContext], Iterator[T]], method: str, *, remote: bool = False
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[T]]:
     """`behavior` (→ stream of responses) with error mapping. An error after some
     responses ends the stream with the mapped status; those responses were already sent.
@@ -107,7 +119,7 @@ def guard_stream(
         job_id = job_id_from(context.invocation_metadata())
 
         def step(fn: Callable[[], Any]) -> Any:
-            with job_context(job_id):
+            with _call_context(job_id, remote):
                 return _run_step(fn, context, method)
 
         responses = step(lambda: iter(behavior(request, context)))

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from prunelab.access import child_environment
 from prunelab.errors import FailedPrecondition, PrunelabError, error_class
 from prunelab.tune.job import TuneOutcome, TuneUpdate, run_tune
 from prunelab.tune.ranks import device_of_rank, process_group
@@ -50,6 +51,7 @@ class SpawnedJob:
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.processes}",
                      "-m", "prunelab.tune.spawn", str(job_file)],
                     stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+                    env=child_environment(),  # the training processes read only what the request may name
                 )
                 try:
                     outcome = self._follow(process, report)
