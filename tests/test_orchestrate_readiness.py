@@ -13,11 +13,14 @@ import test_orchestrate
 from test_orchestrate import finished, ppl_only, wait_for
 
 from prunelab.config import settings
+from prunelab.errors import ReplicaBusy, ResourceExhausted
 from prunelab.evaluate.service import SERVICE_NAME as EVALUATOR
 from prunelab.evaluate.service import EvaluatorServicer
 from prunelab.evaluate.service import registration as evaluator_registration
-from prunelab.orchestrate import RetryPolicy, dispatcher_from_settings, parse_study
+from prunelab.orchestrate import RetryPolicy, Watchdog, dispatcher_from_settings, parse_study
 from prunelab.store.seaweed import free_ports
+from prunelab.v1.common_pb2 import Progress
+from prunelab.v1.evaluator_pb2 import EvaluateEvent
 
 orchestrator, study_yaml, text_dir = test_orchestrate.orchestrator, test_orchestrate.study_yaml, test_orchestrate.text_dir  # fixtures
 
@@ -76,3 +79,77 @@ def test_a_job_fails_with_the_reason_when_its_worker_never_becomes_ready(orchest
     assert "has not answered since the orchestrator started" in job.error
     study = running.db.study(study_id)
     assert study.state == "failed" and "PRUNELAB_WORKER_READY_TIMEOUT_S" in study.error
+
+
+class _BusyThen(EvaluatorServicer):
+    """An evaluator that fails its first `failures` calls with `error`, then evaluates."""
+
+    def __init__(self, error: Exception, failures: int):
+        super().__init__()
+        self.error, self.failures, self.calls = error, failures, 0
+
+    def Evaluate(self, request, context):  # noqa: N802 - the gRPC method's name
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        yield from super().Evaluate(request, context)
+
+
+@pytest.mark.parametrize(("error", "state", "calls"), [
+    (ReplicaBusy("this evaluator already runs 1 job(s)"), "done", 4),  # retried for as long as it takes
+    (ResourceExhausted("out of memory on the device"), "failed", 1),  # the same code, not busy: no retry loop
+])
+def test_only_a_busy_replica_is_retried_without_counting(orchestrator, grpc_server, study_yaml, text_dir, monkeypatch, error, state, calls):
+    servicer = _BusyThen(error, failures=3)
+    server = grpc_server(evaluator_registration(servicer), [EVALUATOR])
+    running = _orchestrator_for_evaluator_at(orchestrator, monkeypatch, server.port, ready_timeout_s=30)
+    study_id, _ = running.submit(_evaluation_study(study_yaml, text_dir), "busy.yaml")
+    [job] = finished(running.db, study_id)
+    assert (job.state, servicer.calls) == (state, calls), job.error
+    if state == "failed":
+        assert "out of memory on the device" in job.error
+
+
+class _HangsFirst(EvaluatorServicer):
+    """An evaluator whose first call sends one progress event and then hangs (a deadlocked
+    job: the connection stays up, nothing more comes); later calls evaluate."""
+
+    def __init__(self, release: threading.Event):
+        super().__init__()
+        self.release, self.calls = release, 0
+
+    def Evaluate(self, request, context):  # noqa: N802 - the gRPC method's name
+        self.calls += 1
+        if self.calls == 1:
+            yield EvaluateEvent(progress=Progress(job_id=request.job_id, phase="load", fraction=0.0))
+            self.release.wait(120)
+            return
+        yield from super().Evaluate(request, context)
+
+
+@pytest.fixture
+def release():
+    hung = threading.Event()
+    yield hung
+    hung.set()  # lets the hung handler thread end with the test
+
+
+@pytest.mark.parametrize(("watchdog", "state", "calls", "reason"), [
+    (Watchdog(stall_s=3), "done", 2, "no event from the worker for 3 s (PRUNELAB_JOB_STALL_TIMEOUT_S); re-dispatched"),
+    (Watchdog(deadline_s=3), "failed", 1, "still running after 3 s (PRUNELAB_JOB_DEADLINE_S)"),
+])
+def test_the_watchdog_redispatches_a_hung_job_and_fails_one_past_its_deadline(
+    orchestrator, grpc_server, study_yaml, text_dir, monkeypatch, release, watchdog, state, calls, reason
+):
+    servicer = _HangsFirst(release)
+    server = grpc_server(evaluator_registration(servicer), [EVALUATOR])
+    monkeypatch.setenv("PRUNELAB_EVALUATOR_ADDR", f"127.0.0.1:{server.port}")
+    settings.cache_clear()
+    running = orchestrator(dispatcher_from_settings(), watchdog=watchdog)
+    study_id, _ = running.submit(_evaluation_study(study_yaml, text_dir), "hung.yaml")
+    [job] = finished(running.db, study_id)
+    assert (job.state, servicer.calls) == (state, calls), job.error
+    if state == "failed":
+        assert reason in job.error
+    else:
+        assert job.attempts == 2

@@ -8,6 +8,7 @@ Prometheus metrics are on PRUNELAB_METRICS_PORT (0: none) at /metrics.
 
 import signal
 
+from prunelab.access import confine_process
 from prunelab.config import settings
 from prunelab.orchestrate import Orchestrator, StudyDB, dispatcher_from_settings
 from prunelab.orchestrate.metrics import JobMetrics
@@ -18,6 +19,7 @@ if __name__ == "__main__":
     # run_forever awaits SIGTERM/SIGINT with sigwait, which needs them blocked in every
     # thread; the orchestrator's threads start first, so block them before.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    confine_process()  # before the first job: what requests name is confined (prunelab.access)
     cfg = settings()
     db = StudyDB(cfg.orchestrator_db)
     metrics = JobMetrics(db)

@@ -20,8 +20,9 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from prunelab.config import settings
-from prunelab.errors import PermissionDenied
+from prunelab.errors import InvalidArgument, PermissionDenied
 
+MAX_SPEC_CHARS = 4096  # PATH_MAX: longer is no path (and stat() would fail with ENAMETOOLONG)
 # Set in a service's main program and inherited by the processes it starts.
 CONFINED_ENV = "PRUNELAB_CONFINED"
 _remote: ContextVar[bool] = ContextVar("prunelab_remote_request", default=False)
@@ -62,6 +63,8 @@ def local_path(spec: str, field: str) -> Path | None:
     """The local file or folder `spec` names, or None when it names none (then it may be
     a name or a hub id). Confined, only absolute paths count, and only under the read
     roots; a path elsewhere, or a relative one, is refused without looking at it."""
+    if "\x00" in spec or len(spec) > MAX_SPEC_CHARS:
+        raise InvalidArgument(f"{field}: not a name or a path ({len(spec)} characters{', with a NUL byte' if chr(0) in spec else ''})", field=field)
     path = Path(spec).expanduser()
     if not confined():
         return path if path.exists() else None
@@ -99,8 +102,12 @@ def check_hub_org(repo_id: str, field: str) -> None:
 
 
 def refuse_path(spec: str, field: str) -> None:
-    """Confined: a spec that reads as a path but is none of the accepted kinds."""
-    if confined():
+    """Confined: a spec that reads as a path but names nothing usable is refused, unless it
+    is an absolute path under the read roots (then the caller says it does not exist)."""
+    if not confined():
+        return
+    path = Path(spec).expanduser()
+    if not (path.is_absolute() and inside_read_roots(path, spec, field)):
         raise _refused(spec, field)
 
 

@@ -69,6 +69,24 @@ class S3Settings:
     region: str | None
 
 
+# The most one request may ask for, by kind of field (prunelab.limits): generous for a
+# large GPU host, small enough that no request allocates without bound. Each is an env var.
+LIMIT_VARIABLES = {
+    "samples": ("PRUNELAB_MAX_SAMPLES", 65_536),  # calibration / correction / validation examples
+    "seq_len": ("PRUNELAB_MAX_SEQ_LEN", 131_072),  # tokens per window or example
+    "windows": ("PRUNELAB_MAX_WINDOWS", 1_000_000),  # perplexity windows per text
+    "batch_size": ("PRUNELAB_MAX_BATCH_SIZE", 4_096),
+    "steps": ("PRUNELAB_MAX_STEPS", 10_000_000),  # training steps (and epochs)
+    "rank": ("PRUNELAB_MAX_LORA_RANK", 4_096),
+    "repeats": ("PRUNELAB_MAX_REPEATS", 10_000),  # timed and warm-up rounds
+    "gen_tokens": ("PRUNELAB_MAX_GEN_TOKENS", 65_536),
+    "task_docs": ("PRUNELAB_MAX_TASK_DOCS", 10_000_000),  # lm-eval `limit`
+    "fewshot": ("PRUNELAB_MAX_FEWSHOT", 128),
+    "study_jobs": ("PRUNELAB_MAX_STUDY_JOBS", 10_000),  # jobs one study file expands to
+    "study_bytes": ("PRUNELAB_MAX_STUDY_BYTES", 1_048_576),  # size of a study file
+}
+
+
 @dataclass(frozen=True)
 class TransportSettings:
     """How this process's gRPC servers and channels are secured (README, Security)."""
@@ -96,6 +114,12 @@ class Settings:
     grpc_port: int
     health_port: int | None  # a plaintext health-only port for TLS-less probes; None: none
     grpc_max_workers: int
+    grpc_max_message_bytes: int  # the largest message a server or channel sends or receives
+    # Calls a server holds at once (beyond: RESOURCE_EXHAUSTED, not an unbounded queue),
+    # and the orchestrator's live WatchStudy streams, each holding a thread: capped below
+    # the thread count so unary calls and health checks always find one.
+    grpc_max_concurrent_rpcs: int
+    max_watch_streams: int
     max_concurrent_jobs: int
     # Processes one tuning job trains on, data-parallel under torchrun (one GPU each
     # with a CUDA device: the node's GPU count uses them all); 1 = in the service's process.
@@ -118,9 +142,14 @@ class Settings:
     # How long a job waits for its worker to accept connections (a worker still pulling
     # its image or loading torch is late, not failed) before the job fails.
     worker_ready_timeout_s: int
+    # The orchestrator's watchdog (0: off): a job whose worker sends nothing for this
+    # long is re-dispatched; one running longer than the deadline fails.
+    job_stall_timeout_s: float
+    job_deadline_s: float
     metrics_port: int  # the orchestrator's Prometheus /metrics; 0 turns it off
     max_upload_bytes: int  # largest dataset the orchestrator accepts over gRPC
     transport: TransportSettings
+    limits: dict[str, int]  # LIMIT_VARIABLES' kinds -> their maxima
 
     def torch_device(self) -> str:
         """The device jobs run on; "auto" picks CUDA when this host has it."""
@@ -154,6 +183,9 @@ class Settings:
             grpc_port=_int("PRUNELAB_GRPC_PORT", 50051),
             health_port=_int("PRUNELAB_HEALTH_PORT", 0) if os.environ.get("PRUNELAB_HEALTH_PORT") else None,
             grpc_max_workers=_int("PRUNELAB_GRPC_MAX_WORKERS", 8),
+            grpc_max_message_bytes=_int("PRUNELAB_GRPC_MAX_MESSAGE_BYTES", 64 * 2**20),
+            grpc_max_concurrent_rpcs=_int("PRUNELAB_GRPC_MAX_CONCURRENT_RPCS", 64),
+            max_watch_streams=_int("PRUNELAB_MAX_WATCH_STREAMS", max(1, _int("PRUNELAB_GRPC_MAX_WORKERS", 8) - 2)),
             max_concurrent_jobs=_int("PRUNELAB_MAX_CONCURRENT_JOBS", 1),
             tuner_processes=_int("PRUNELAB_TUNER_PROCESSES", 1),
             grpc_host=os.environ.get("PRUNELAB_GRPC_HOST", "127.0.0.1"),
@@ -168,8 +200,11 @@ class Settings:
             orchestrator_db=Path(os.environ.get("PRUNELAB_ORCHESTRATOR_DB", str(home / "orchestrator.db"))).expanduser().resolve(),
             orchestrator_max_parallel=_int("PRUNELAB_ORCHESTRATOR_MAX_PARALLEL", 8),
             worker_ready_timeout_s=_int("PRUNELAB_WORKER_READY_TIMEOUT_S", 900),
+            job_stall_timeout_s=_float("PRUNELAB_JOB_STALL_TIMEOUT_S", 1800.0),
+            job_deadline_s=_float("PRUNELAB_JOB_DEADLINE_S", 172_800.0),
             metrics_port=_int("PRUNELAB_METRICS_PORT", 9100),
             max_upload_bytes=_int("PRUNELAB_MAX_UPLOAD_BYTES", 4 * 2**30),
+            limits={kind: _int(variable, default) for kind, (variable, default) in LIMIT_VARIABLES.items()},
             transport=TransportSettings(
                 tls_dir=Path(os.environ["PRUNELAB_TLS_DIR"]).expanduser() if os.environ.get("PRUNELAB_TLS_DIR") else None,
                 client_auth=_bool("PRUNELAB_TLS_CLIENT_AUTH", False),

@@ -45,6 +45,12 @@ class ResourceExhausted(PrunelabError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class ReplicaBusy(ResourceExhausted):
+    """A replica already runs as many jobs as it may: a later try, or another replica,
+    takes the job. Callers tell it from other RESOURCE_EXHAUSTED failures (a message too
+    large, memory) by its error type in the status details, never by the code alone."""
+
+
 class Unavailable(PrunelabError):
     """A dependency (object store, another service) cannot be reached right now; retrying may help."""
 

@@ -268,11 +268,13 @@ def _dataset_ref(name: str, uri: str, meta: dict[str, Any]) -> DatasetRef:
 
 def _local_split(name: str, split: str, store: ArtifactStore | None, want: str) -> Path | None:
     """The file for `split` of `name` that needs no hub: stored, a local path, or in the data dir."""
-    return (
-        _stored_split_file(name, split, store, want)
-        or _local_split_file(local_path(name, field="dataset"), split)
-        or _data_dir_split_file(name, split)
-    )
+    return _stored_split_file(name, split, store, want) or local_split_file(name, split)
+
+
+def local_split_file(name: str, split: str) -> Path | None:
+    """The file for `split` of `name` as a local path or in `$PRUNELAB_DATA_DIR`, as far
+    as the caller may read it (prunelab.access); None if there is none."""
+    return _local_split_file(local_path(name, field="dataset"), canonical_split(split)) or _data_dir_split_file(name, canonical_split(split))
 
 
 def _stored_split_file(name: str, split: str, store: ArtifactStore | None, want: str) -> Path | None:

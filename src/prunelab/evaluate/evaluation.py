@@ -35,6 +35,7 @@ from prunelab.evaluate.tasks import (
     study_average,
     task_scores,
 )
+from prunelab.limits import check_limit
 from prunelab.models import LoadedModel, ModelSource, load_model
 from prunelab.store import ArtifactRef, open_store
 
@@ -80,6 +81,10 @@ class EvaluationSpec:
         _check_at_least(self.seq_len, 2, "seq_len")
         _check_at_least(self.batch_size, 1, "batch_size")
         _check_at_least(self.num_fewshot, 0, "num_fewshot")
+        for name, kind in (("seq_len", "seq_len"), ("batch_size", "batch_size"), ("num_fewshot", "fewshot"),
+                           ("max_windows", "windows"), ("limit", "task_docs")):
+            if getattr(self, name) is not None:
+                check_limit(kind, getattr(self, name), name)
         for name in ("max_windows", "limit"):
             if getattr(self, name) is not None:
                 _check_at_least(getattr(self, name), 1, name)

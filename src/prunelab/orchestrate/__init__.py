@@ -8,7 +8,7 @@ and writes the report (`report.write_report`) when the study has finished.
 """
 
 from prunelab.orchestrate.dispatch import Dispatcher, GrpcDispatcher, InProcessDispatcher, dispatcher_from_settings
-from prunelab.orchestrate.orchestrator import Orchestrator, RetryPolicy
+from prunelab.orchestrate.orchestrator import Orchestrator, RetryPolicy, Watchdog
 from prunelab.orchestrate.state import StudyDB
 from prunelab.orchestrate.study import Study, load_study, parse_study
 
@@ -18,6 +18,7 @@ __all__ = [
     "InProcessDispatcher",
     "Orchestrator",
     "RetryPolicy",
+    "Watchdog",
     "Study",
     "StudyDB",
     "dispatcher_from_settings",

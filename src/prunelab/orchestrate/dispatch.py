@@ -44,7 +44,7 @@ BINDINGS = {
     PROFILE: Binding("profiler", "Profiler", "Profile", "ProfileRequest", "prunelab.profile.service:ProfilerServicer"),
 }
 # Parts of results too bulky for a database row; the stored artifacts keep them.
-_BULKY = {PRUNE: [("report", "kept")], EVALUATE: [("report", "data", "lm_eval")]}
+_BULKY = {EVALUATE: [("report", "data", "lm_eval")]}
 READY_POLL_S = 0.5  # how often a wait for a worker checks whether its job was cancelled
 
 
@@ -77,16 +77,19 @@ def request_message(kind: str, fields: dict[str, Any], job_id: str) -> Message:
 
 
 def run_call(
-    call: JobCall, on_progress: Callable[[common_pb2.Progress], None], on_admitted: Callable[[], None] = lambda: None
+    call: JobCall, on_progress: Callable[[common_pb2.Progress], None], on_admitted: Callable[[], None] = lambda: None,
+    on_heard: Callable[[], None] = lambda: None,
 ) -> Message:
     """Follow a call to its result, reporting each Progress event (and each bare
     Progress the dispatcher adds while it waits for the worker); `on_admitted` runs
-    at the worker's first event, when the job has left the queue."""
+    at the worker's first event, when the job has left the queue, and `on_heard` at
+    every event from the worker (what the orchestrator's watchdog listens for)."""
     admitted = False
     for event in call:
         if isinstance(event, common_pb2.Progress):
             on_progress(event)
             continue
+        on_heard()
         if not admitted:
             admitted = True
             on_admitted()

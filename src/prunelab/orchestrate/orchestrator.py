@@ -6,7 +6,7 @@ hash, any study) from that result, and hands the rest to a pool of
 `max_parallel` threads, each following one job's stream through a `Dispatcher`.
 A worker that does not accept connections yet (its pod still pulling the image or
 importing torch) is waited for, up to PRUNELAB_WORKER_READY_TIMEOUT_S, before the
-job fails. Replica busy (RESOURCE_EXHAUSTED) is retried with backoff for as long as
+job fails. Replica busy (RESOURCE_EXHAUSTED with error type ReplicaBusy) is retried with backoff for as long as
 it takes; a worker that died mid-stream or failed the call as unavailable
 (UNAVAILABLE, CANCELLED by the server side, DEADLINE_EXCEEDED, ABORTED, a stream that
 ends without a result) is retried with backoff up to `RetryPolicy.max_failures`
@@ -36,7 +36,8 @@ from google.protobuf.message import Message
 
 from prunelab.config import settings
 from prunelab.data import find_task_data, hub
-from prunelab.errors import FailedPrecondition, InvalidArgument
+from prunelab.errors import FailedPrecondition, InvalidArgument, ReplicaBusy
+from prunelab.limits import check_limit
 from prunelab.orchestrate.dispatch import (
     Dispatcher,
     JobCall,
@@ -56,7 +57,6 @@ from prunelab.rpc import error_detail
 
 log = logging.getLogger(__name__)
 
-BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
 BROKEN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 POLL_S = 0.5  # the scheduler also wakes at once on every submission, finished job and cancellation
 
@@ -80,6 +80,32 @@ class RetryPolicy:
         return min(ceiling, self.initial_s * self.multiplier**retry) * random.uniform(0.5, 1.0)
 
 
+@dataclass(frozen=True)
+class Watchdog:
+    """When a dispatched job is given up on: no event from its worker for `stall_s`
+    seconds (a worker that hangs while its connection stays up) is re-dispatched as a
+    broken attempt; a job running longer than `deadline_s` fails. 0 turns either off.
+    Both count from the worker's first event: waiting for a worker has its own limit."""
+
+    stall_s: float = 0.0
+    deadline_s: float = 0.0
+
+    @classmethod
+    def from_settings(cls) -> Watchdog:
+        cfg = settings()
+        return cls(cfg.job_stall_timeout_s, cfg.job_deadline_s)
+
+    def verdict(self, running: RunningJob, now: float) -> tuple[str, str] | None:
+        """("stalled" | "deadline", reason) when `running` is to be given up on, else None."""
+        if running.admitted_at is None:
+            return None
+        if self.deadline_s and now - running.admitted_at > self.deadline_s:
+            return "deadline", f"still running after {self.deadline_s:g} s (PRUNELAB_JOB_DEADLINE_S)"
+        if self.stall_s and now - running.heard_at > self.stall_s:
+            return "stalled", f"no event from the worker for {self.stall_s:g} s (PRUNELAB_JOB_STALL_TIMEOUT_S); re-dispatched"
+        return None
+
+
 @dataclass
 class RunningJob:
     job: JobRow
@@ -87,6 +113,9 @@ class RunningJob:
     stop_state: str = ""  # set when the job must stop: cancelled, or pending again on shutdown
     stop_reason: str = ""
     stopped: threading.Event = field(default_factory=threading.Event)
+    admitted_at: float | None = None  # monotonic: the worker's first event of this attempt
+    heard_at: float = 0.0  # monotonic: its latest event
+    given_up: tuple[str, str] | None = None  # the watchdog's verdict on this attempt
 
     def stop(self, state: str, reason: str) -> None:
         self.stop_state, self.stop_reason = state, reason
@@ -105,6 +134,7 @@ class Orchestrator:
         retry: RetryPolicy | None = None,
         reports_dir: Path | None = None,
         metrics: JobMetrics | None = None,
+        watchdog: Watchdog | None = None,
     ):
         if max_parallel < 1:
             raise InvalidArgument(f"max_parallel must be at least 1, got {max_parallel}", field="max_parallel")
@@ -114,6 +144,7 @@ class Orchestrator:
         self.retry = retry or RetryPolicy()
         self.reports_dir = reports_dir or settings().home / "reports"
         self.metrics = metrics
+        self.watchdog = watchdog or Watchdog.from_settings()
         self._running: dict[str, RunningJob] = {}
         self._running_lock = threading.Lock()
         self._wake = threading.Event()
@@ -159,6 +190,7 @@ class Orchestrator:
         study); returns its id and whether it existed already."""
         skipped = _tasks_without_data(study)
         jobs = expand(study, frozenset(skipped))
+        check_limit("study_jobs", len(jobs), "jobs in the study")
         resumed = self.db.add_study(study.id, study.name, source, study.model_dump(mode="json"), _skipped_note(skipped), jobs)
         log.info("study %s %s: %d jobs", study.id, "resumed" if resumed else "submitted", len(jobs))
         self._wake.set()
@@ -175,6 +207,7 @@ class Orchestrator:
         while not self._stopping.is_set():
             try:
                 self._stop_jobs_of_inactive_studies()
+                self._give_up_on_hung_jobs()
                 self.db.fail_blocked()
                 self._dispatch_ready()
                 self._finish_studies()
@@ -214,6 +247,15 @@ class Orchestrator:
         for running in self._running_jobs():
             if running.job.study_id not in active and not running.stop_state:
                 running.stop(CANCELLED, "the study was cancelled")
+
+    def _give_up_on_hung_jobs(self) -> None:
+        now = time.monotonic()
+        for running in self._running_jobs():
+            verdict = self.watchdog.verdict(running, now)
+            if verdict and running.given_up is None and running.call is not None:
+                log.warning("%s (%s): %s", running.job.id, running.job.key, verdict[1])
+                running.given_up = verdict
+                running.call.cancel()
 
     def _finish_studies(self) -> None:
         busy = {running.job.study_id for running in self._running_jobs()}
@@ -264,13 +306,19 @@ class Orchestrator:
                 if isinstance(error, WorkerNotReady):
                     self._fail(job, str(error))
                     return
-                code = error.code() if isinstance(error, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
-                failures += code in BROKEN_CODES
-                if code not in BUSY_CODES | BROKEN_CODES or failures >= self.retry.max_failures:
-                    gave_up = f"gave up after {attempt} attempts: " if code in BROKEN_CODES else ""
-                    self._fail(job, gave_up + _describe(error))
+                verdict, running.given_up, running.admitted_at = running.given_up, None, None
+                if verdict is not None and verdict[0] == "deadline":
+                    self._fail(job, verdict[1])
                     return
-                if not self._wait_to_retry(running, attempt, _describe(error), self.retry.delay(retries, code in BUSY_CODES)):
+                code = error.code() if isinstance(error, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                busy = _replica_busy(error)
+                why = verdict[1] if verdict else _describe(error)
+                failures += code in BROKEN_CODES
+                if not (busy or code in BROKEN_CODES) or failures >= self.retry.max_failures:
+                    gave_up = f"gave up after {attempt} attempts: " if code in BROKEN_CODES else ""
+                    self._fail(job, gave_up + why)
+                    return
+                if not self._wait_to_retry(running, attempt, why, self.retry.delay(retries, busy)):
                     return
                 retries += 1
                 continue
@@ -291,13 +339,16 @@ class Orchestrator:
 
         def admitted() -> None:
             nonlocal started
-            started = time.monotonic()
+            started = running.admitted_at = time.monotonic()
             self.db.mark_started(job.id)
+
+        def heard() -> None:
+            running.heard_at = time.monotonic()
 
         running.call = self.dispatcher.call(job.kind, request, job.id)
         if running.stop_state:  # stopped between launch and call: stop() saw no call to cancel
             running.call.cancel()
-        result = run_call(running.call, lambda progress: self.db.progress(job.id, progress.fraction, progress.message), admitted)
+        result = run_call(running.call, lambda progress: self.db.progress(job.id, progress.fraction, progress.message), admitted, heard)
         return result, round(time.monotonic() - started, 3)
 
     def _wait_to_retry(self, running: RunningJob, attempt: int, why: str, delay: float) -> bool:
@@ -356,6 +407,16 @@ def _skipped_note(tasks: list[str]) -> list[str]:
         "evaluates (`PRUNELAB_OFFLINE=true prunelab evaluate --model MODEL --tasks TASK` prints the exact commands), "
         "or set evaluation.missing_task_data: hub to let online evaluators download them"
     ]
+
+
+def _replica_busy(error: Exception) -> bool:
+    """A replica at its job limit (retried for as long as it takes), told by the error type
+    the worker put in the status details: a message over gRPC's size limit or a worker out
+    of memory is RESOURCE_EXHAUSTED too, and retrying those would loop forever."""
+    if not isinstance(error, grpc.RpcError) or error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    detail = error_detail(error)
+    return detail is not None and detail.error_type == ReplicaBusy.__name__
 
 
 def _describe(error: Exception) -> str:

@@ -25,6 +25,7 @@ from prunelab.orchestrate.orchestrator import Orchestrator
 from prunelab.orchestrate.state import FINAL_STATES, JOB_STATES, JobRow, StudyDB, StudyRow
 from prunelab.orchestrate.study import parse_study
 from prunelab.orchestrate.transfer import artifact_stream, receive_upload
+from prunelab.rpc.jobs import JobSlots
 from prunelab.store import ArtifactRef, open_store
 from prunelab.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -34,9 +35,11 @@ DEFAULT_SOURCE = "<study>"
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(self, db: StudyDB, orchestrator: Orchestrator | None = None):
+    def __init__(self, db: StudyDB, orchestrator: Orchestrator | None = None, max_watch_streams: int | None = None):
         self.db = db
         self.orchestrator = orchestrator
+        self._watch_slots = JobSlots(
+            max_watch_streams or settings().max_watch_streams, "orchestrator", "PRUNELAB_MAX_WATCH_STREAMS", "WatchStudy stream(s)")
 
     def SubmitStudy(self, request: orchestrator_pb2.SubmitStudyRequest, context: grpc.ServicerContext) -> orchestrator_pb2.SubmitStudyResponse:
         if self.orchestrator is None:
@@ -53,9 +56,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         return orchestrator_pb2.ListStudiesResponse(studies=studies)
 
     def WatchStudy(self, request: orchestrator_pb2.WatchStudyRequest, context: grpc.ServicerContext) -> Iterator[orchestrator_pb2.Study]:
+        with self._watch_slots.admit():  # ReplicaBusy past PRUNELAB_MAX_WATCH_STREAMS
+            yield from self._watch(request.study_id, context)
+
+    def _watch(self, study_id: str, context: grpc.ServicerContext) -> Iterator[orchestrator_pb2.Study]:
         last = b""
         while context.is_active():
-            study = self._study(request.study_id)
+            study = self._study(study_id)
             snapshot = study.SerializeToString(deterministic=True)
             if snapshot != last:
                 last = snapshot

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import typing
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydantic import (
 
 from prunelab.errors import InvalidArgument
 from prunelab.evaluate.evaluation import DTYPES
+from prunelab.limits import check_limit
 from prunelab.prune.importance import AGGREGATIONS, TAYLOR_VARIANTS
 from prunelab.prune.layers import DEFAULT_LAYERS
 from prunelab.prune.pruner import ALLOCATIONS, CORRECTIONS, METHODS, MODES, PruneSettings
@@ -167,6 +169,11 @@ class PruningGrid(Section):
                 except InvalidArgument as error:
                     raise ValueError(f"{method}: {error.reason}") from None
         return self
+
+    @property
+    def size(self) -> int:
+        """An upper bound on the pruned models this grid makes (the product of its lists)."""
+        return math.prod(len(values) for values in (self.methods, self.variants, self.ratios, self.semantics, self.layers, self.patterns))
 
 
 class TuneSelection(Section):
@@ -333,20 +340,43 @@ def load_study(path: Path | str) -> Study:
     return parse_study(text, str(path))
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a few hundred bytes of nested aliases expand to
+    gigabytes (the "billion laughs"), and a study never needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*{self.peek_event().anchor}) are not accepted in a study file; write the value out")
+        return super().compose_node(parent, index)
+
+
 def parse_study(text: str, source: str) -> Study:
-    """The study in `text`; InvalidArgument listing every mistake as `source: path: what`."""
+    """The study in `text`; InvalidArgument listing every mistake as `source: path: what`
+    (at most MAX_ERROR_LINES lines of at most MAX_ERROR_CHARS: the input is never echoed whole)."""
+    check_limit("study_bytes", len(text.encode("utf-8", "surrogatepass")), "study file size (bytes)")
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
-        raise InvalidArgument(f"{source}: not valid YAML: {error}") from None
+        raise InvalidArgument(_clipped(f"{source}: not valid YAML: {error}")) from None
     if not isinstance(document, dict):
         raise InvalidArgument(f"{source}: a study is a YAML mapping with name, model, pruning, evaluation, ...")
     try:
-        return Study.model_validate(document)
+        study = Study.model_validate(document)
     except ValidationError as error:
         single_grid = isinstance(document.get("pruning"), dict)
-        lines = [f"{source}: {_path(e['loc'], single_grid)}: {_explain(e)}" for e in error.errors()]
-        raise InvalidArgument("\n".join(lines)) from None
+        lines = [_clipped(f"{source}: {_path(e['loc'], single_grid)}: {_explain(e)}") for e in error.errors()]
+        more = [f"... and {len(lines) - MAX_ERROR_LINES} more"] if len(lines) > MAX_ERROR_LINES else []
+        raise InvalidArgument("\n".join(lines[:MAX_ERROR_LINES] + more)) from None
+    check_limit("study_jobs", sum(grid.size for grid in study.pruning), "pruning grid points")
+    return study
+
+
+MAX_ERROR_LINES = 20
+MAX_ERROR_CHARS = 300
+
+
+def _clipped(line: str) -> str:
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def _path(loc: tuple[Any, ...], single_grid: bool) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from prunelab.errors import FailedPrecondition, InvalidArgument
+from prunelab.limits import check_limit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,6 +34,10 @@ class ProfileOptions:
         bad = [size for size in self.batch_sizes if size <= 0]
         _require(not bad, "batch_sizes", f"batch sizes must be positive, got {list(self.batch_sizes)}")
         _require(len(set(self.batch_sizes)) == len(self.batch_sizes), "batch_sizes", f"batch sizes repeat: {list(self.batch_sizes)}")
+        for field, kind in (("seq_len", "seq_len"), ("gen_tokens", "gen_tokens"), ("repeats", "repeats"), ("warmup", "repeats")):
+            check_limit(kind, getattr(self, field), field)
+        check_limit("batch_size", max(self.batch_sizes), "batch_sizes")
+        check_limit("batch_size", len(self.batch_sizes), "batch_sizes (count)")
         torch_dtype(self.dtype)
         check_device(self.device)
         return self

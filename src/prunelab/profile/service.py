@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from prunelab.errors import ResourceExhausted
+from prunelab.errors import ReplicaBusy
 from prunelab.profile.messages import progress_message, request_settings, result_message
 from prunelab.profile.profiler import ProfileReport, run_profile
 from prunelab.v1 import profiler_pb2, profiler_pb2_grpc
@@ -23,7 +23,7 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
     def Profile(self, request: profiler_pb2.ProfileRequest, context: grpc.ServicerContext) -> Iterator[profiler_pb2.ProfileEvent]:
         model, baseline, options = request_settings(request)
         if not _PROFILING.acquire(blocking=False):
-            raise ResourceExhausted("another profile is running in this process; retry when it has finished")
+            raise ReplicaBusy("another profile is running in this process; retry when it has finished")
         try:
             for event in run_profile([model], baseline=baseline, options=options):
                 if isinstance(event, ProfileReport):

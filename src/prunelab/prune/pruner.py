@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from prunelab.errors import InvalidArgument
+from prunelab.limits import check_limit
 from prunelab.models import LlamaFamilyAdapter
 from prunelab.prune.calibration import calibration_windows, taylor_group_scores
 from prunelab.prune.importance import CRITERIA, Criterion, Slice, attention_slices, group_scores, mlp_slices
@@ -189,6 +190,8 @@ class PruneSettings:
         for name in ("correction_samples", "correction_seq_len"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be 0 (the default) or positive, got {getattr(self, name)}", field=name)
+        for name, kind in (("samples", "samples"), ("seq_len", "seq_len"), ("correction_samples", "samples"), ("correction_seq_len", "seq_len")):
+            check_limit(kind, getattr(self, name), name)
 
     def _validate_structured(self) -> None:
         if self.method in CRITERIA:

@@ -79,7 +79,9 @@ def result_message(outcome: PruneOutcome, job_id: str) -> pruner_pb2.PruneResult
     report = outcome.report
     artifact = outcome.artifact
     details = Struct()
-    json_format.ParseDict(outcome.as_dict(), details)
+    # The kept indices stay out of the message: a 13B model's run to megabytes, and they
+    # are in the checkpoint's prunelab.json ("pruning") for whoever needs them.
+    json_format.ParseDict({key: value for key, value in outcome.as_dict().items() if key != "kept"}, details)
     return pruner_pb2.PruneResult(
         job_id=job_id,
         artifact=common_pb2.ArtifactRef(uri=artifact.uri, digest=artifact.digest, kind=artifact.kind, size_bytes=artifact.size),

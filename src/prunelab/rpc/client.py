@@ -51,6 +51,14 @@ _CHANNEL_OPTIONS = [
 HEALTH_CHECK_TIMEOUT_S = 5.0
 
 
+def message_size_options() -> list[tuple[str, int]]:
+    """gRPC's limits on one message, both ways, from PRUNELAB_GRPC_MAX_MESSAGE_BYTES: set
+    explicitly on every server and channel, so both ends agree (results carry no bulk:
+    checkpoints and reports travel through the store, uploads in chunks)."""
+    limit = settings().grpc_max_message_bytes
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
 def make_channel(target: str, transport: TransportSettings | None = None) -> grpc.Channel:
     """A channel to "host:port" or "dns:///name:port" (every address of a headless
     service), with round-robin balancing, keepalive and UNAVAILABLE retries; TLS (and
@@ -60,11 +68,12 @@ def make_channel(target: str, transport: TransportSettings | None = None) -> grp
     cluster it started, with the cluster's certificates)."""
     transport = transport or settings().transport
     credentials = channel_credentials(transport)
+    options = _CHANNEL_OPTIONS + message_size_options()
     if credentials is None:
         check_plaintext_allowed(target, transport)
-        channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(target, options=options)
     else:
-        channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS + tls_name_options(target))
+        channel = grpc.secure_channel(target, credentials, options=options + tls_name_options(target))
     return with_token(channel, transport.token)
 
 

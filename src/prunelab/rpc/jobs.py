@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from prunelab.errors import ResourceExhausted
+from prunelab.errors import ReplicaBusy
 
 Update = TypeVar("Update")
 Result = TypeVar("Result")
@@ -30,20 +30,19 @@ class JobCancelled(Exception):
 
 
 class JobSlots:
-    """At most `limit` jobs at once in this process."""
+    """At most `limit` jobs (or streams) at once in this process; ReplicaBusy beyond."""
 
-    def __init__(self, limit: int, what: str):
+    def __init__(self, limit: int, what: str, setting: str = "PRUNELAB_MAX_CONCURRENT_JOBS", unit: str = "job(s)"):
         self.limit = limit
-        self.what = what
+        self.what = what  # "this evaluator already runs 1 job(s)"
+        self.setting = setting
+        self.unit = unit
         self._slots = threading.BoundedSemaphore(limit)
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
         if not self._slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"this {self.what} already runs {self.limit} job(s) (PRUNELAB_MAX_CONCURRENT_JOBS); "
-                "retry later or on another replica"
-            )
+            raise ReplicaBusy(f"this {self.what} already runs {self.limit} {self.unit} ({self.setting}); retry later or on another replica")
         try:
             yield
         finally:

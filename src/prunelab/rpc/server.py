@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prunelab.access import confine_process
 from prunelab.config import settings
 from prunelab.logs import setup_logging
+from prunelab.rpc.client import message_size_options
 from prunelab.rpc.interceptor import ErrorInterceptor
 from prunelab.rpc.security import TokenInterceptor, server_credentials
 
@@ -131,7 +132,8 @@ def serve(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers or cfg.grpc_max_workers, thread_name_prefix="grpc"),
         interceptors=[*([TokenInterceptor(transport.token)] if transport.token else []), ErrorInterceptor()],
-        options=_SERVER_OPTIONS,
+        options=_SERVER_OPTIONS + message_size_options(),
+        maximum_concurrent_rpcs=cfg.grpc_max_concurrent_rpcs,
     )
     for add_servicer in register if isinstance(register, list) else [register]:
         add_servicer(server)

@@ -43,10 +43,19 @@ class RpcStatus(grpc.Status):
     trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
 
 
+MAX_REASON_CHARS = 1000  # a reason quotes what was asked; a hostile request's input is not sent back whole
+
+
+def clipped(reason: str) -> str:
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return f"{reason[:MAX_REASON_CHARS]}... ({len(reason) - MAX_REASON_CHARS} more characters)"
+
+
 def status_for(exc: BaseException, method: str) -> RpcStatus:
     """The status a call that raised `exc` ends with; logs the failure under the current job id."""
     if isinstance(exc, PrunelabError):
-        code, reason = grpc.StatusCode[exc.grpc_code], exc.reason
+        code, reason = grpc.StatusCode[exc.grpc_code], clipped(exc.reason)
         detail = ErrorDetail(field=exc.field, error_type=type(exc).__name__)
         log.warning("%s failed: %s: %s", method, code.name, reason)
     else:

@@ -25,14 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from prunelab.data import BUILTIN_CORPORA, canonical_split, get_dataset, load_records, resolve_text
-from prunelab.data.formats import detect_format, split_files
+from prunelab.data.formats import detect_format
+from prunelab.data.registry import local_split_file
 from prunelab.errors import InvalidArgument, NotFound
 from prunelab.tune.settings import TuneSettings
 
@@ -68,7 +68,7 @@ class TuneData:
 def dataset_format(name: str, split: str, field: str) -> str:
     """alpaca or text, without reading the data; InvalidArgument naming `field` for an
     unknown dataset or one tuning cannot read."""
-    found = _stored_or_local_format(name, split, field)
+    found = _stored_or_local_format(name, split)
     if found is None and name in BUILTIN_CORPORA:
         found = "text"
     if found is None:
@@ -82,18 +82,13 @@ def dataset_format(name: str, split: str, field: str) -> str:
     return found
 
 
-def _stored_or_local_format(name: str, split: str, field: str) -> str | None:
+def _stored_or_local_format(name: str, split: str) -> str | None:
     try:
         return get_dataset(name).format
     except (NotFound, InvalidArgument):  # not imported, or not a dataset name at all (a path)
         pass
-    path = Path(name).expanduser()
-    if path.is_dir():
-        split_file = split_files(path).get(canonical_split(split))
-        if split_file is None:
-            raise InvalidArgument(f"{path} has no file for split {split!r}", field=field)
-        path = split_file
-    return detect_format(path) if path.is_file() else None
+    path = local_split_file(name, split)  # a path the caller may read, or the data folder's
+    return detect_format(path) if path is not None else None
 
 
 def build_tune_data(tokenizer: PreTrainedTokenizerBase, settings: TuneSettings) -> TuneData:

@@ -9,6 +9,7 @@ import torch
 
 from prunelab.data import canonical_split
 from prunelab.errors import InvalidArgument
+from prunelab.limits import check_limit
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -109,6 +110,10 @@ class TuneSettings:
                 raise InvalidArgument(f"{name} must be a positive integer, got {value!r}", field=name)
         if self.max_length < 2:
             raise InvalidArgument(f"max_length must be at least 2 (a token and the next), got {self.max_length}", field="max_length")
+        for name, kind in (("rank", "rank"), ("batch_size", "batch_size"), ("grad_accum", "batch_size"), ("eval_every", "steps"),
+                           ("max_val_examples", "samples"), ("steps", "steps"), ("epochs", "steps"), ("max_length", "seq_len")):
+            if getattr(self, name) is not None:
+                check_limit(kind, getattr(self, name), name)
 
     def _check_positive_numbers(self) -> None:
         for name in ("lr", "epochs", "alpha", "max_grad_norm", "temperature"):
