@@ -208,6 +208,20 @@ def test_identical_jobs_of_a_later_study_reuse_earlier_results(orchestrator, stu
         assert job.cached_from == first_jobs[job.key].id
 
 
+def test_a_name_whose_content_changed_is_not_served_from_the_cache(orchestrator, study_yaml, text_dir):
+    """The same study again after the calibration and evaluation text changed under its
+    name: the cache keys on content (orchestrate/content.py), so every job runs again."""
+    running = orchestrator(InProcessDispatcher((PRUNE, EVALUATE)))
+    study = lambda name: parse_study(study_yaml(name=name, tuning=None, profiling=None, evaluation=ppl_only(text_dir)), f"{name}.yaml")  # noqa: E731
+    first = finished(running.db, running.submit(study("before"), "before.yaml")[0])
+    for split in ("train", "validation"):
+        (text_dir / f"{split}.txt").write_text("\n".join(" ".join(["other"] * 12) for _ in range(300)) + "\n")
+    second = finished(running.db, running.submit(study("after"), "after.yaml")[0])
+    evaluations = [job for job in second if job.kind == EVALUATE]
+    assert evaluations and not any(job.cached_from for job in second), "a result on the old text was reused"
+    assert {job.inputs_hash for job in first}.isdisjoint(job.inputs_hash for job in second)
+
+
 def test_cancel_from_another_process_stops_the_running_job_and_drops_the_pending_ones(orchestrator, study_yaml, text_dir, capsys):
     running = orchestrator(InProcessDispatcher((EVALUATE,)))
     slow = ppl_only(text_dir, seq_lens=[2, 3], max_windows=None)  # thousands of windows of 2-3 tokens: seconds per job

@@ -67,6 +67,7 @@ class S3Settings:
     secret_key: str = field(repr=False)  # never in a log line or an error message
     secure: bool  # TLS
     region: str | None
+    retry_s: float  # how long a call keeps retrying while S3 is unreachable
 
 
 # The most one request may ask for, by kind of field (prunelab.limits): generous for a
@@ -174,6 +175,7 @@ class Settings:
                 secret_key=os.environ.get("PRUNELAB_S3_SECRET_KEY", ""),
                 secure=_bool("PRUNELAB_S3_SECURE", False),
                 region=os.environ.get("PRUNELAB_S3_REGION") or None,
+                retry_s=_float("PRUNELAB_S3_RETRY_S", 300.0),
             ),
             cache_dir=Path(os.environ.get("PRUNELAB_CACHE", str(home / "cache"))).expanduser().resolve(),
             offline=_bool("PRUNELAB_OFFLINE", _bool("HF_HUB_OFFLINE", False)),

@@ -7,8 +7,10 @@ A job's `inputs` are its request's fields (protobuf JSON names); a field whose
 value is `{"output_of": KEY}` takes the model that job KEY produced.
 
 A job's `inputs_hash` covers its kind and inputs, with every reference replaced by
-the hash of the job it points to, so identical work has the same hash across
-studies before anything runs; the orchestrator reuses finished results by it.
+the hash of the job it points to, and the fingerprint of what each model and data
+name stands for when the study is submitted (orchestrate/content.py), so identical
+work on identical content has the same hash across studies before anything runs;
+the orchestrator reuses finished results by it.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ class JobSpec:
     inputs_hash: str = field(default="")
 
 
-def expand(study: Study, skipped_tasks: frozenset[str] = frozenset()) -> list[JobSpec]:
+def expand(study: Study, skipped_tasks: frozenset[str] = frozenset(), content: dict[str, str] | None = None) -> list[JobSpec]:
     """The study's jobs in dispatch order (each after the jobs it needs): the base
-    model's evaluations and profile first, then each pruned model with its own."""
+    model's evaluations and profile first, then each pruned model with its own.
+    `content` (name -> fingerprint, from content.fingerprints) goes into the hashes."""
     base = ModelNode(BASE_LABEL, study.model, {"role": "base"})
     jobs = _measurements(study, base, skipped_tasks)
     pruned = _pruned_models(study)
@@ -60,7 +63,7 @@ def expand(study: Study, skipped_tasks: frozenset[str] = frozenset()) -> list[Jo
         jobs += [prune_job, *_measurements(study, node, skipped_tasks)]
         for tune_job, tuned in tuned_by_prune.get(prune_job.key, []):
             jobs += [tune_job, *_measurements(study, tuned, skipped_tasks)]
-    return _hashed(jobs)
+    return _hashed(jobs, content or {})
 
 
 def resolve(inputs: dict[str, Any], model_uris: dict[str, str]) -> dict[str, Any]:
@@ -248,16 +251,22 @@ def _evaluations(study: Study, node: ModelNode, skipped_tasks: frozenset[str], n
 # ---- hashing
 
 
-def _hashed(jobs: list[JobSpec]) -> list[JobSpec]:
+def _hashed(jobs: list[JobSpec], content: dict[str, str]) -> list[JobSpec]:
     hashes: dict[str, str] = {}
     result = []
     for job in jobs:
         linked = {name: {"output_of_hash": hashes[value[REFERENCE]]} if _is_reference(value) else value for name, value in job.inputs.items()}
-        hashed = {"kind": job.kind, "inputs": linked} | ({"pruner_version": PRUNER_VERSION} if job.kind == PRUNE else {})
+        used = {name: content[name] for name in _strings(job.inputs) if name in content}
+        hashed = ({"kind": job.kind, "inputs": linked} | ({"pruner_version": PRUNER_VERSION} if job.kind == PRUNE else {})
+                  | ({"content": used} if used else {}))
         canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
         hashes[job.key] = hashlib.sha256(canonical.encode()).hexdigest()
         result.append(JobSpec(job.key, job.kind, job.inputs, job.needs, job.meta, hashes[job.key]))
     return result
+
+
+def _strings(inputs: dict[str, Any]) -> list[str]:
+    return [item for value in inputs.values() for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)]
 
 
 def _is_reference(value: Any) -> bool:

@@ -38,6 +38,7 @@ from prunelab.config import settings
 from prunelab.data import find_task_data, hub
 from prunelab.errors import FailedPrecondition, InvalidArgument, ReplicaBusy
 from prunelab.limits import check_limit
+from prunelab.orchestrate.content import fingerprints
 from prunelab.orchestrate.dispatch import (
     Dispatcher,
     JobCall,
@@ -189,7 +190,8 @@ class Orchestrator:
         """Queue the study's jobs (or re-queue the failed and cancelled jobs of the same
         study); returns its id and whether it existed already."""
         skipped = _tasks_without_data(study)
-        jobs = expand(study, frozenset(skipped))
+        names = expand(study, frozenset(skipped))
+        jobs = expand(study, frozenset(skipped), fingerprints(job.inputs for job in names))
         check_limit("study_jobs", len(jobs), "jobs in the study")
         resumed = self.db.add_study(study.id, study.name, source, study.model_dump(mode="json"), _skipped_note(skipped), jobs)
         log.info("study %s %s: %d jobs", study.id, "resumed" if resumed else "submitted", len(jobs))

@@ -9,7 +9,8 @@ Layout, identical in both backends (keys relative to the store root):
 Publishing uploads every file first and the manifest last, so a reader never sees a
 partial artifact; an interrupted upload leaves orphan files under a digest with no
 manifest, invisible to readers and simply overwritten by the next attempt. A digest
-whose manifest exists is never written again.
+whose manifest exists is never written again, except that putting the same files
+again repairs any of its files the store lost or truncated (checked by size).
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def _has_object(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _object_size(self, key: str) -> int | None:
+        """The size of the object at `key`; None if absent."""
 
     @abstractmethod
     def _list_keys(self, prefix: str) -> Iterator[str]:
@@ -198,11 +203,17 @@ class ArtifactStore(ABC):
         signatures = {rel: _file_signature(src) for rel, src in sources.items()}
         manifest = Manifest.build(kind, meta, sources)
         ref = manifest.ref()
-        if self._has_object(manifest_key(ref.digest)):
-            log.debug("artifact %s already stored; not uploading again", ref.uri)
+        published = self._has_object(manifest_key(ref.digest))
+        # Over a published manifest only what is missing or the wrong size is put again
+        # (a file lost or truncated on the store is repaired by the next identical put).
+        to_put = [e for e in manifest.files if self._object_size(file_key(ref.digest, e.path)) != e.size] if published else manifest.files
+        if published and not to_put:
+            log.debug("artifact %s already stored and whole; not uploading again", ref.uri)
             return ref
+        if published:
+            log.warning("artifact %s was stored with %d file(s) missing or damaged; repairing them", ref.uri, len(to_put))
         try:
-            for entry in manifest.files:
+            for entry in to_put:
                 self._put_object(file_key(ref.digest, entry.path), sources[entry.path])
             changed = [rel for rel, src in sources.items() if _file_signature(src) != signatures[rel]]
         except FileNotFoundError as err:
@@ -211,6 +222,8 @@ class ArtifactStore(ABC):
             raise
         if changed:
             raise FailedPrecondition(f"{changed[0]} changed while it was being stored; put it again", field="path")
+        if published:
+            return ref
         self._put_bytes(manifest_key(ref.digest), manifest.canonical_bytes())
         log.info("stored %s artifact %s (%d files, %d bytes) in %s", kind, ref.uri, ref.files, ref.size, self.location)
         return ref

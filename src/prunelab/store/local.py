@@ -5,22 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from prunelab.errors import IntegrityError, NotFound
+from prunelab.errors import NotFound
 from prunelab.store.base import ARTIFACTS, ArtifactStore
-from prunelab.store.manifest import Manifest, check_file, sha256_file
+from prunelab.store.manifest import Manifest
+from prunelab.store.verify import fsync_dir, fsync_file, verified_folder
 
 READ_ONLY = 0o444
-
-# Artifacts verified in this process: files dir -> the stat signature they had then.
-# `get_dir` re-hashes only when a file's size, mtime or inode changed since, so a
-# checkpoint is hashed once per process yet any edit to it is still caught.
-_verified: dict[Path, tuple] = {}
-_verified_lock = threading.Lock()
 
 
 class LocalStore(ArtifactStore):
@@ -40,13 +34,13 @@ class LocalStore(ArtifactStore):
     def _put_object(self, key: str, source: Path) -> None:
         with self._replacing(self._path(key)) as temp:
             shutil.copyfile(source, temp)
-            _fsync(temp)
+            fsync_file(temp)
             temp.chmod(READ_ONLY)
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         with self._replacing(self._path(key)) as temp:
             temp.write_bytes(data)
-            _fsync(temp)
+            fsync_file(temp)
 
     def _get_bytes(self, key: str) -> bytes:
         try:
@@ -56,6 +50,10 @@ class LocalStore(ArtifactStore):
 
     def _has_object(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def _object_size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
 
     def _list_keys(self, prefix: str) -> Iterator[str]:
         folder = self._path(prefix.rpartition("/")[0])
@@ -70,15 +68,7 @@ class LocalStore(ArtifactStore):
         return (entry.name for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else iter(())
 
     def _materialize(self, manifest: Manifest, digest: str) -> Path:
-        files_dir = self._path(f"{ARTIFACTS}/{digest}/files")
-        signature = _signature(files_dir)
-        with _verified_lock:
-            if _verified.get(files_dir) == signature:
-                return files_dir
-        _verify_in_place(files_dir, manifest, digest, signature)
-        with _verified_lock:
-            _verified[files_dir] = signature
-        return files_dir
+        return verified_folder(self._path(f"{ARTIFACTS}/{digest}/files"), manifest, digest)
 
     @contextlib.contextmanager
     def _replacing(self, target: Path) -> Iterator[Path]:
@@ -92,34 +82,6 @@ class LocalStore(ArtifactStore):
             yield temp
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, target)
+            fsync_dir(target.parent)  # the rename itself survives a crash
         finally:
             temp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _signature(files_dir: Path) -> tuple:
-    """Path, size, mtime and inode of every file present, so an edited, added or
-    removed file changes it."""
-    files = sorted(p for p in files_dir.rglob("*") if p.is_file())
-    return tuple((p.relative_to(files_dir).as_posix(), *_stat_key(p)) for p in files)
-
-
-def _stat_key(path: Path) -> tuple[int, int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
-
-
-def _verify_in_place(files_dir: Path, manifest: Manifest, digest: str, signature: tuple) -> None:
-    listed = {entry.path for entry in manifest.files}
-    present = {item[0] for item in signature}
-    for missing in sorted(listed - present):
-        raise IntegrityError(f"artifact {digest}: file {missing!r} is missing from {files_dir}", field="path")
-    for extra in sorted(present - listed):
-        raise IntegrityError(f"artifact {digest}: file {extra!r} in {files_dir} is not in the manifest", field="path")
-    for entry in manifest.files:
-        path = files_dir / entry.path
-        check_file(digest, entry, sha256_file(path), path.stat().st_size)

@@ -9,8 +9,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import certifi
 import urllib3
@@ -21,12 +23,15 @@ from prunelab.config import S3Settings
 from prunelab.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, PrunelabError, Unavailable
 from prunelab.store.base import ARTIFACTS, ArtifactStore, file_key
 from prunelab.store.manifest import HASH_CHUNK, FileEntry, Manifest, check_file
+from prunelab.store.verify import fsync_dir, verified_folder
 
 log = logging.getLogger(__name__)
 
 # Multipart part size: a multi-GB checkpoint is a few dozen parts, and minio's 3
 # parallel part uploads buffer about 128 MB. (16/32/64 MB measured alike on SeaweedFS.)
 PART_SIZE = 32 * 1024 * 1024
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # backoff while S3 is unreachable (PRUNELAB_S3_RETRY_S in all)
+T = TypeVar("T")
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
 
@@ -65,12 +70,31 @@ class S3Store(ArtifactStore):
         self.prefix = prefix.strip("/")
         self.endpoint = s3.endpoint
         self.artifact_cache = Path(cache_dir) / "artifacts"
+        self.retry_s = s3.retry_s
         scheme = "https" if s3.secure else "http"
         path = f"{bucket}/{self.prefix}" if self.prefix else bucket
         self.location = f"s3://{path} at {scheme}://{s3.endpoint}"
         self._ensure_bucket(s3.region)
 
     # ---- error translation ----
+
+    def _retrying(self, what: str, action: Callable[[], T]) -> T:
+        """`action` under `_call`, tried again with exponential backoff while S3 is
+        unreachable, for up to PRUNELAB_S3_RETRY_S: a store restarting or a network
+        blip costs time, not the job. Safe because every write is idempotent (objects
+        are content-addressed; a manifest is written last and never changes)."""
+        deadline, delay = time.monotonic() + self.retry_s, RETRY_FIRST_S
+        while True:
+            try:
+                with self._call(what):
+                    return action()
+            except Unavailable as err:
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"{err.reason} (still, after {self.retry_s:g} s of retries: PRUNELAB_S3_RETRY_S)",
+                                      field=err.field) from None
+                log.warning("S3 at %s: %s; retrying in %.0f s", self.endpoint, err.reason, delay)
+                time.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
 
     @contextlib.contextmanager
     def _call(self, what: str) -> Iterator[None]:
@@ -119,15 +143,13 @@ class S3Store(ArtifactStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _put_object(self, key: str, source: Path) -> None:
-        with self._call(f"upload {key}"):
-            self.client.fput_object(self.bucket, self._key(key), str(source), part_size=PART_SIZE)
+        self._retrying(f"upload {key}", lambda: self.client.fput_object(self.bucket, self._key(key), str(source), part_size=PART_SIZE))
 
     def _put_bytes(self, key: str, data: bytes) -> None:
-        with self._call(f"upload {key}"):
-            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
+        self._retrying(f"upload {key}", lambda: self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data)))
 
     def _get_bytes(self, key: str) -> bytes:
-        with self._call(f"read {key}"):
+        def read() -> bytes:
             response = self.client.get_object(self.bucket, self._key(key))
             try:
                 return response.read()
@@ -135,13 +157,16 @@ class S3Store(ArtifactStore):
                 response.close()
                 response.release_conn()
 
+        return self._retrying(f"read {key}", read)
+
     def _has_object(self, key: str) -> bool:
+        return self._object_size(key) is not None
+
+    def _object_size(self, key: str) -> int | None:
         try:
-            with self._call(f"look up {key}"):
-                self.client.stat_object(self.bucket, self._key(key))
+            return self._retrying(f"look up {key}", lambda: self.client.stat_object(self.bucket, self._key(key)).size)
         except NotFound:
-            return False
-        return True
+            return None
 
     def _list_keys(self, prefix: str) -> Iterator[str]:
         strip = len(self._key(""))
@@ -160,7 +185,11 @@ class S3Store(ArtifactStore):
         cache hit is returned without hashing again."""
         final = self.artifact_cache / digest
         if final.is_dir():
-            return final
+            try:
+                return verified_folder(final, manifest, digest)  # hashed once per process, then by size/mtime/inode
+            except IntegrityError as err:
+                log.warning("cached copy of %s is damaged (%s); downloading it again", digest, err.reason)
+                shutil.rmtree(final, ignore_errors=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=final.parent))
         try:
@@ -168,29 +197,35 @@ class S3Store(ArtifactStore):
                 self._download_verified(digest, entry, staging / entry.path)
             try:
                 staging.rename(final)
+                fsync_dir(final.parent)
             except OSError:
                 if not final.is_dir():  # not "another process finished first"
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return final
+        return verified_folder(final, manifest, digest)
 
     def _download_verified(self, digest: str, entry: FileEntry, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        hasher, size = hashlib.sha256(), 0
+        def download() -> tuple[str, int]:
+            hasher, size = hashlib.sha256(), 0  # afresh on every try
+            response = self.client.get_object(self.bucket, self._key(file_key(digest, entry.path)))
+            try:
+                with dest.open("wb") as out:
+                    for chunk in response.stream(HASH_CHUNK):
+                        hasher.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                response.close()
+                response.release_conn()
+            return hasher.hexdigest(), size
+
         try:
-            with self._call(f"download {entry.path}"):
-                response = self.client.get_object(self.bucket, self._key(file_key(digest, entry.path)))
-                try:
-                    with dest.open("wb") as out:
-                        for chunk in response.stream(HASH_CHUNK):
-                            hasher.update(chunk)
-                            out.write(chunk)
-                            size += len(chunk)
-                finally:
-                    response.close()
-                    response.release_conn()
+            digest_seen, size = self._retrying(f"download {entry.path}", download)
         except NotFound:
             raise IntegrityError(f"artifact {digest}: file {entry.path!r} is missing from {self.location}", field="path") from None
-        check_file(digest, entry, hasher.hexdigest(), size)
+        check_file(digest, entry, digest_seen, size)
         dest.chmod(0o444)

@@ -111,10 +111,12 @@ def start_seaweed(
     secret_key: str,
     *,
     ready_timeout: float = 60.0,
+    ports: dict[str, int] | None = None,
 ) -> SeaweedServer:
     """Start `weed mini` storing under `data_dir`, with one admin identity holding
     the given key pair, and return once its S3 gateway answers an authenticated call.
 
+    `ports` (a stopped server's `.ports`) restarts it where clients knew it, on its data.
     Raises FailedPrecondition if the binary is missing, Unavailable if the server
     exits or is not ready within `ready_timeout` seconds (its log tail is included).
     """
@@ -124,7 +126,7 @@ def start_seaweed(
     data_dir.mkdir(parents=True, exist_ok=True)
     keys_path = data_dir / "s3-identities.json"
     keys_path.write_text(json.dumps(_identities(access_key, secret_key)))
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=False))
+    ports = ports or dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=False))
     command = [
         str(binary), "mini",
         f"-dir={data_dir / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
