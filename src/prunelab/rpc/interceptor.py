@@ -18,7 +18,32 @@ HANDLER_KINDS = {
 }
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+class HandlerInterceptor(grpc.ServerInterceptor):
+    """A server interceptor that may put another handler in place of each method's
+    (`replace`); methods this server does not have pass through untouched."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        return handler if handler is None else self.replace(handler, handler_call_details)
+
+    def replace(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+def rebuilt(handler: grpc.RpcMethodHandler, behavior_for: Callable[[str, Callable], Callable]) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind and (de)serializers, its behavior `behavior_for(kind, behavior)`."""
+    for kind, (make_handler, _guard) in HANDLER_KINDS.items():
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return make_handler(behavior_for(kind, behavior), handler.request_deserializer, handler.response_serializer)
+    raise ValueError("method handler has no behavior")
+
+
+class ErrorInterceptor(HandlerInterceptor):
     """Wraps every prunelab handler so a raised `PrunelabError` ends the call with its
     status code (reason as details, `ErrorDetail` in trailing metadata) and anything
     else with INTERNAL, sets the job id from the `x-prunelab-job-id` metadata, and
@@ -29,21 +54,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     handler's non-blocking calling convention, so that every watcher (load balancers,
     probes) would hold a worker thread for as long as it watches."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith("/grpc."):
+    def replace(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method.startswith("/grpc."):
             return handler
-        return _guarded(handler, method)
-
-
-def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    for kind, (make_handler, guard) in HANDLER_KINDS.items():
-        behavior = getattr(handler, kind)
-        if behavior is not None:
-            return make_handler(guard(behavior, method, remote=True), handler.request_deserializer, handler.response_serializer)
-    raise ValueError(f"{method}: method handler has no behavior")
+        return rebuilt(handler, lambda kind, behavior: HANDLER_KINDS[kind][1](behavior, method, remote=True))

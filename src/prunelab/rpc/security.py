@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from prunelab.config import TransportSettings
 from prunelab.errors import FailedPrecondition, InvalidArgument
-from prunelab.rpc.interceptor import HANDLER_KINDS
+from prunelab.rpc.interceptor import HandlerInterceptor, rebuilt
 
 # cert-manager's key names, so a Kubernetes TLS Secret mounts as a PRUNELAB_TLS_DIR as it is
 CERT_FILE, KEY_FILE, CA_FILE = "tls.crt", "tls.key", "ca.crt"
@@ -124,37 +123,25 @@ def _read(folder: Path, name: str) -> bytes:
 # ---- bearer tokens ----
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(HandlerInterceptor):
     """Refuses every call but health checks that lacks `authorization: Bearer <token>`
     with UNAUTHENTICATED. Constant-time comparison: timing tells nothing about the token."""
 
     def __init__(self, token: str):
         self._expected = (BEARER + token).encode()
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):
+    def replace(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if details.method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
-        presented = dict(handler_call_details.invocation_metadata or ()).get(AUTHORIZATION_KEY, "")
+        presented = dict(details.invocation_metadata or ()).get(AUTHORIZATION_KEY, "")
         if hmac.compare_digest(presented.encode(), self._expected):
             return handler
-        return _refusal(handler, "missing bearer token" if not presented else "wrong bearer token")
+        reason = f"{'wrong' if presented else 'missing'} bearer token: send 'authorization: Bearer <token>' (PRUNELAB_AUTH_TOKEN)"
 
+        def refuse(_request, context: grpc.ServicerContext):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-def _refusal(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED."""
-
-    def refuse(_request, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send 'authorization: Bearer <token>' (PRUNELAB_AUTH_TOKEN)")
-
-    for kind, (make_handler, _guard) in HANDLER_KINDS.items():
-        if getattr(handler, kind) is not None:
-            return make_handler(refuse, handler.request_deserializer, handler.response_serializer)
-    raise ValueError("method handler has no behavior")
+        return rebuilt(handler, lambda _kind, _behavior: refuse)
 
 
 class _TokenSender(
