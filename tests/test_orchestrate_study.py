@@ -119,8 +119,13 @@ def test_the_default_study_is_the_promised_grid():
                              (BEST["method"], BEST["allocation"], BEST["calibration"], "train", BEST["correction"]), strict=True)}
     sparse = [job.inputs for job in jobs if job.kind == PRUNE and job.inputs["method"] in ("wanda", "sparsegpt")]
     assert all(i["semantics"] == "sparsity" and i["pattern"] == "unstructured" and i["calibration"] == "ptb" for i in sparse)
-    assert [job.key for job in jobs if job.kind == TUNE] == ["tune taylor 20% +LoRA"]
-    assert sum(job.kind == PROFILE for job in jobs) == 9  # base, seven pruned, one tuned
+    tunes = {job.key: job.inputs for job in jobs if job.kind == TUNE}
+    assert list(tunes) == ["tune taylor 20% +LoRA", "tune taylor 20% +full-kd"]  # the same model, two recoveries
+    lora, kd = tunes.values()
+    assert (lora.get("objective", "ce"), lora.get("full", False), kd["objective"], kd["full"]) == ("ce", False, "kd", True)
+    same_tokens = ("data", "data_split", "steps", "batch_size", "max_length", "max_val_examples", "eval_every")
+    assert {k: lora[k] for k in same_tokens} == {k: kd[k] for k in same_tokens}
+    assert sum(job.kind == PROFILE for job in jobs) == 10  # base, seven pruned, two tuned
 
 
 def test_each_tuning_run_tunes_every_selected_model_as_its_own_measured_model():
