@@ -6,9 +6,10 @@ Run: `.venv/bin/python -P bench/tls.py [--rounds 2]`. Each round starts a cluste
 evaluators, all on 127.0.0.1), runs the study through `prunelab run --orchestrator`
 and stops it; plaintext and TLS alternate, so load drifts hit both alike. The study:
 SmolLM2-135M (the embedded GGUF, float32), pruned by l2 and random to 20 %, each model's
-perplexity on raw `wikipassages` validation (16 windows of 128 tokens) and on the
-built-in text: 9 jobs, each one gRPC stream plus health checks. Needs ../shared/data
-for wikipassages; prints a message and exits 0 without it.
+perplexity on raw `wikipassages` validation (16 windows of 128 tokens): 5 jobs, each one
+gRPC stream to a worker (a second prune waits as a busy replica), plus the CLI's watch
+stream and health checks. Needs ../shared/data for wikipassages; prints a message and
+exits 0 without it.
 """
 
 from __future__ import annotations
