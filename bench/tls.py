@@ -4,7 +4,8 @@
 Run: `.venv/bin/python -P bench/tls.py [--rounds 2]`. Each round starts a cluster
 (deploy/local/cluster.py: SeaweedFS, orchestrator, pruner, tuner, profiler, two
 evaluators, all on 127.0.0.1), runs the study through `prunelab run --orchestrator`
-and stops it; plaintext and TLS alternate, so load drifts hit both alike. The study:
+and stops it; plaintext and TLS alternate, each going first in turn (the second
+cluster of a round finds warmer caches), so drifts hit both alike. The study:
 SmolLM2-135M (the embedded GGUF, float32), pruned by l2 and random to 20 %, each model's
 perplexity on raw `wikipassages` validation (16 windows of 128 tokens): 5 jobs, each one
 gRPC stream to a worker (a second prune waits as a busy replica), plus the CLI's watch
@@ -53,7 +54,7 @@ def main() -> int:
     times: dict[str, list[float]] = {"plaintext": [], "mTLS": []}
     with tempfile.TemporaryDirectory(prefix="prunelab-bench-tls-") as scratch:
         for round_ in range(args.rounds):
-            for transport in times:
+            for transport in list(times)[:: 1 if round_ % 2 == 0 else -1]:  # each goes first in turn
                 state = Path(scratch) / f"{transport}-{round_}"
                 study = Path(scratch) / f"study-{transport}-{round_}.yaml"
                 study.write_text(STUDY.format(round=f"{transport.lower()}-{round_}"))
