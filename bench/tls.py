@@ -58,9 +58,9 @@ def main() -> int:
                 state = Path(scratch) / f"{transport}-{round_}"
                 study = Path(scratch) / f"study-{transport}-{round_}.yaml"
                 study.write_text(STUDY.format(round=f"{transport.lower()}-{round_}"))
+                os.environ.pop("PRUNELAB_TLS_DIR", None)  # the previous round's client certificate
                 running = local_cluster.up(state, orchestrator_port=0, tls=transport == "mTLS")
                 try:
-                    os.environ.pop("PRUNELAB_TLS_DIR", None)
                     os.environ.update(running.client_env)
                     settings.cache_clear()
                     started = time.monotonic()

@@ -164,7 +164,9 @@ def up(
     try:
         # Every process shares this machine's cores: as many jobs at once as cores, one
         # torch thread each, so concurrent jobs do not oversubscribe the CPU.
-        base_env = {**os.environ, **cluster.store_env, "PRUNELAB_GRPC_HOST": HOST,
+        # the cluster's transport is its own (`tls`), never a TLS setting left in the shell
+        inherited = {k: v for k, v in os.environ.items() if k not in ("PRUNELAB_TLS_DIR", "PRUNELAB_TLS_CLIENT_AUTH")}
+        base_env = {**inherited, **cluster.store_env, "PRUNELAB_GRPC_HOST": HOST,
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         tls_env = _certificates(state_dir / "certs", cluster) if tls else lambda _name: {}
         for name in WORKERS:
