@@ -27,6 +27,7 @@ from prunelab.data import find_task_data, get_dataset
 from prunelab.errors import InvalidArgument, NotFound, PermissionDenied
 from prunelab.models.registry import registered_model
 from prunelab.store.manifest import SCHEME as ARTIFACT_SCHEME
+from prunelab.store.verify import folder_signature, stat_key
 
 DATASET_INPUTS = ("calibration", "data", "val_data", "ppl_corpora")
 TASK_INPUTS = ("tasks",)
@@ -85,9 +86,5 @@ def _local(name: str) -> Path | None:
 def _files_signature(path: Path | None) -> str:
     if path is None or not path.exists():
         return ""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    lines = []
-    for file in files:
-        stat = file.stat()
-        lines.append(f"{file.relative_to(path) if path.is_dir() else file.name}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ino}")
-    return "files:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    signature = folder_signature(path) if path.is_dir() else ((path.name, *stat_key(path)),)
+    return "files:" + hashlib.sha256(repr(signature).encode()).hexdigest()

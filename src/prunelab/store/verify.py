@@ -34,7 +34,7 @@ def fsync_dir(path: Path) -> None:
 def verified_folder(files_dir: Path, manifest: Manifest, digest: str) -> Path:
     """`files_dir`, once its files match the manifest (hashing them only when this
     process has not seen them unchanged before); IntegrityError otherwise."""
-    signature = _signature(files_dir)
+    signature = folder_signature(files_dir)
     with _verified_lock:
         if _verified.get(files_dir) == signature:
             return files_dir
@@ -44,14 +44,14 @@ def verified_folder(files_dir: Path, manifest: Manifest, digest: str) -> Path:
     return files_dir
 
 
-def _signature(files_dir: Path) -> tuple:
+def folder_signature(files_dir: Path) -> tuple:
     """Path, size, mtime and inode of every file present, so an edited, added or
     removed file changes it."""
     files = sorted(p for p in files_dir.rglob("*") if p.is_file())
-    return tuple((p.relative_to(files_dir).as_posix(), *_stat_key(p)) for p in files)
+    return tuple((p.relative_to(files_dir).as_posix(), *stat_key(p)) for p in files)
 
 
-def _stat_key(path: Path) -> tuple[int, int, int]:
+def stat_key(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
