@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.models", "fixtures.s3", "fixtures.grpc", "fixtures.evaluate", "fixtures.hub"]
+pytest_plugins = ["fixtures.models", "fixtures.s3", "fixtures.grpc", "fixtures.evaluate", "fixtures.hub", "fixtures.disk"]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

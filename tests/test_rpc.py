@@ -84,6 +84,17 @@ def test_unexpected_error_without_job_id_gets_an_error_id_found_in_the_log(probe
     assert error_id in caplog.text
 
 
+@pytest.mark.parametrize("writer", ["python", "safetensors"])
+def test_a_write_on_a_full_disk_is_resource_exhausted_disk_full_whoever_wrote_it(probe_client, writer, small_filesystem):
+    # /dev/full for Python; safetensors writes beside its target and renames, so it gets a full file system
+    target = "/dev/full" if writer == "python" else str(small_filesystem(64 * 1024) / "model.safetensors")
+    with pytest.raises(grpc.RpcError) as caught:
+        probe_client.unary(ErrorDetail(error_type="write", reason=target))
+    code, details, detail = outcome(caught.value)
+    assert (code, detail.error_type) == ("RESOURCE_EXHAUSTED", "DiskFull")
+    assert details.startswith("no space left on the worker's disk")
+
+
 def test_servicer_abort_keeps_its_own_status(probe_client):
     with pytest.raises(grpc.RpcError) as caught:
         probe_client.unary(ErrorDetail(error_type="abort", code="PERMISSION_DENIED", reason="no"))

@@ -1,6 +1,8 @@
 """Domain errors. Library code raises these; `prunelab.rpc` maps each to one gRPC
 status code and the CLI to a message and a non-zero exit, so neither has to guess."""
 
+import errno
+
 
 class PrunelabError(Exception):
     """Base of every error prunelab raises on purpose. `field` names the offending input."""
@@ -51,6 +53,11 @@ class ReplicaBusy(ResourceExhausted):
     large, memory) by its error type in the status details, never by the code alone."""
 
 
+class DiskFull(ResourceExhausted):
+    """A write failed because the file system is full: the job cannot finish on this
+    machine until space is freed, so it is not retried."""
+
+
 class Unavailable(PrunelabError):
     """A dependency (object store, another service) cannot be reached right now; retrying may help."""
 
@@ -70,3 +77,26 @@ def error_class(grpc_code: str) -> type[PrunelabError]:
     """The domain error of a gRPC status code's name (INVALID_ARGUMENT -> InvalidArgument),
     for failures that crossed a process boundary; PrunelabError for any other code."""
     return _BY_CODE.get(grpc_code, PrunelabError)
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# safetensors writes from Rust and reports the OS error in its message, not as an errno
+_DISK_FULL_TEXT = tuple(f"(os error {code})" for code in _DISK_FULL_ERRNOS)
+
+
+def as_domain_error(exc: BaseException) -> PrunelabError | None:
+    """`exc` as the domain error it amounts to: itself if it is one, DiskFull for a write
+    that failed on a full disk (also when raised while handling one), else None."""
+    if isinstance(exc, PrunelabError):
+        return exc
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if (isinstance(cause, OSError) and cause.errno in _DISK_FULL_ERRNOS) or any(text in str(cause) for text in _DISK_FULL_TEXT):
+            return DiskFull(
+                "no space left on the worker's disk while writing a file; free space in its scratch folder "
+                "(TMPDIR) and cache (PRUNELAB_CACHE), then submit the job again"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from prunelab.config import settings
-from prunelab.errors import PrunelabError
+from prunelab.errors import as_domain_error
 from prunelab.logs import setup_logging
 
 DESCRIPTION = (
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = settings()
         setup_logging(cfg.log_level, cfg.log_format)
         return args.handler(args) or 0
-    except PrunelabError as err:
+    except Exception as raised:
+        if (err := as_domain_error(raised)) is None:
+            raise
         where = f" ({err.field})" if err.field else ""
         print(f"prunelab {args.command}: error{where}: {err.reason}", file=sys.stderr)
         return EXIT_USAGE if err.grpc_code == "INVALID_ARGUMENT" else EXIT_FAILURE

@@ -2,8 +2,9 @@
 
 The status code of each domain error is the `grpc_code` its class declares in
 `prunelab.errors`; that is the only mapping table (a bare `PrunelabError` is
-INTERNAL, its reason still sent: it was raised on purpose). Unexpected exceptions become
-INTERNAL with their traceback logged, never sent: tracebacks leak paths and
+INTERNAL, its reason still sent: it was raised on purpose). A write on a full disk is
+DiskFull (RESOURCE_EXHAUSTED), whatever library raised it. Other unexpected exceptions
+become INTERNAL with their traceback logged, never sent: tracebacks leak paths and
 internals and help no caller.
 """
 
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from prunelab.access import remote_request
-from prunelab.errors import PrunelabError
+from prunelab.errors import as_domain_error
 from prunelab.logs import current_job_id, job_context
 from prunelab.v1.common_pb2 import ErrorDetail
 
@@ -54,10 +55,10 @@ def clipped(reason: str) -> str:
 
 def status_for(exc: BaseException, method: str) -> RpcStatus:
     """The status a call that raised `exc` ends with; logs the failure under the current job id."""
-    if isinstance(exc, PrunelabError):
-        code, reason = grpc.StatusCode[exc.grpc_code], clipped(exc.reason)
-        detail = ErrorDetail(field=exc.field, error_type=type(exc).__name__)
-        log.warning("%s failed: %s: %s", method, code.name, reason)
+    if (domain := as_domain_error(exc)) is not None:
+        code, reason = grpc.StatusCode[domain.grpc_code], clipped(domain.reason)
+        detail = ErrorDetail(field=domain.field, error_type=type(domain).__name__)
+        log.warning("%s failed: %s: %s", method, code.name, reason, exc_info=None if domain is exc else exc)
     else:
         job_id = current_job_id()
         ref = f"job id {job_id}" if job_id != "-" else f"error id {uuid.uuid4().hex[:12]}"
