@@ -106,6 +106,7 @@ class TransportSettings:
 class Settings:
     home: Path  # embedded store and caches live below it
     store: str  # "file:///abs/path", a plain path, or "s3://bucket[/prefix]"
+    store_write_area: str  # "" (the store's root) or a folder of it the process's key may write (store/base.py)
     s3: S3Settings
     cache_dir: Path  # verified local copies of artifacts and converted models
     offline: bool  # never reach a model or dataset hub
@@ -169,6 +170,7 @@ class Settings:
         return cls(
             home=home,
             store=os.environ.get("PRUNELAB_STORE", str(home / "store")),
+            store_write_area=os.environ.get("PRUNELAB_STORE_WRITE_AREA", "").strip("/"),
             s3=S3Settings(
                 endpoint=os.environ.get("PRUNELAB_S3_ENDPOINT", "localhost:9000"),
                 access_key=os.environ.get("PRUNELAB_S3_ACCESS_KEY", ""),

@@ -1,5 +1,6 @@
-"""`prunelab artifact list` and `prunelab artifact get artifact://... --out DIR`:
-checkpoints, adapters, datasets and reports out of any store, verified.
+"""`prunelab artifact list`, `prunelab artifact get artifact://... --out DIR` and
+`prunelab artifact verify`: checkpoints, adapters, datasets and reports out of any
+store, verified; and the whole store checked after an incident.
 
 The store is the configured one (PRUNELAB_STORE), another one named by `--store`
 (`s3://bucket/prefix` with the PRUNELAB_S3_* keys from the environment, or a
@@ -30,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     getter.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the files to (created if needed)")
     _where(getter)
     getter.set_defaults(handler=_get)
+
+    verifier = commands.add_parser("verify", help="read every artifact back from the store and check it against its manifest",
+                                   description="Exit status 1 if any artifact is damaged. Orphans (files of an interrupted "
+                                               "upload, without a manifest) are listed: readers never see them.")
+    verifier.add_argument("--store", metavar="URL", help="s3://bucket[/prefix] (keys from PRUNELAB_S3_*), file:///path or a path; "
+                                                        "default: PRUNELAB_STORE")
+    verifier.set_defaults(handler=_verify)
 
 
 def _where(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +82,16 @@ def _get(args: argparse.Namespace) -> int:
         written = [args.out / path.relative_to(folder) for path in folder.rglob("*") if path.is_file()]
     print(f"{args.uri}: {len(written)} files verified -> {args.out}")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    audit = chosen_store(args.store).audit()
+    for digest, reason in audit.damaged.items():
+        print(f"DAMAGED artifact://{digest}: {reason}")
+    for digest in audit.orphans:
+        print(f"orphan  artifact://{digest} (an interrupted upload; readers never see it)")
+    print(f"{len(audit.verified)} verified, {len(audit.damaged)} damaged, {len(audit.orphans)} orphans")
+    return 1 if audit.damaged else 0
 
 
 def chosen_store(url: str | None) -> Any:

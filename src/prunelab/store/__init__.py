@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from prunelab.config import Settings, settings
 from prunelab.errors import InvalidArgument
-from prunelab.store.base import ArtifactStore
+from prunelab.store.base import ArtifactStore, check_write_area
 from prunelab.store.local import LocalStore
 from prunelab.store.manifest import ArtifactRef, Ref, parse_artifact_uri
 from prunelab.store.s3 import S3Store
@@ -24,8 +24,15 @@ __all__ = ["ArtifactRef", "ArtifactStore", "LocalStore", "Ref", "S3Store", "open
 
 def open_store(cfg: Settings | None = None) -> ArtifactStore:
     """The store PRUNELAB_STORE names (a new client each call; creating one is cheap
-    for the local backend and one bucket check for S3)."""
+    for the local backend and one bucket check for S3), writing where
+    PRUNELAB_STORE_WRITE_AREA says."""
     cfg = cfg or settings()
+    store = _backend(cfg)
+    store.write_area = check_write_area(cfg.store_write_area)
+    return store
+
+
+def _backend(cfg: Settings) -> ArtifactStore:
     location = cfg.store
     parts = urlsplit(location)
     if parts.scheme == "s3":

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prunelab.errors import NotFound
-from prunelab.store.base import ARTIFACTS, ArtifactStore
+from prunelab.store.base import ARTIFACTS, ArtifactStore, under
 from prunelab.store.manifest import Manifest
-from prunelab.store.verify import fsync_dir, fsync_file, verified_folder
+from prunelab.store.verify import check_folder, fsync_dir, fsync_file, verified_folder
 
 READ_ONLY = 0o444
 
@@ -63,12 +63,15 @@ class LocalStore(ArtifactStore):
                 if key.startswith(prefix):
                     yield key
 
-    def _artifact_digests(self) -> Iterator[str]:
-        folder = self.root / ARTIFACTS
+    def _artifact_digests(self, area: str) -> Iterator[str]:
+        folder = self._path(under(area, ARTIFACTS))
         return (entry.name for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else iter(())
 
     def _materialize(self, manifest: Manifest, digest: str) -> Path:
-        return verified_folder(self._path(f"{ARTIFACTS}/{digest}/files"), manifest, digest)
+        return verified_folder(self._path(self._files_folder(digest)), manifest, digest)
+
+    def _check_stored(self, manifest: Manifest, digest: str) -> None:
+        check_folder(self._path(self._files_folder(digest)), manifest, digest)
 
     @contextlib.contextmanager
     def _replacing(self, target: Path) -> Iterator[Path]:

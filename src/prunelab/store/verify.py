@@ -38,7 +38,7 @@ def verified_folder(files_dir: Path, manifest: Manifest, digest: str) -> Path:
     with _verified_lock:
         if _verified.get(files_dir) == signature:
             return files_dir
-    _verify(files_dir, manifest, digest, signature)
+    check_folder(files_dir, manifest, digest, signature)
     with _verified_lock:
         _verified[files_dir] = signature
     return files_dir
@@ -56,7 +56,9 @@ def stat_key(path: Path) -> tuple[int, int, int]:
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
-def _verify(files_dir: Path, manifest: Manifest, digest: str, signature: tuple) -> None:
+def check_folder(files_dir: Path, manifest: Manifest, digest: str, signature: tuple | None = None) -> None:
+    """IntegrityError unless `files_dir` holds exactly the manifest's files, each hashed now."""
+    signature = folder_signature(files_dir) if signature is None else signature
     listed = {entry.path for entry in manifest.files}
     present = {item[0] for item in signature}
     for missing in sorted(listed - present):
