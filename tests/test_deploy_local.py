@@ -1,8 +1,9 @@
 """deploy/local/cluster.py: the service topology as local processes (`make up-local`).
 
 Fast tests here: the one-target-for-all-replicas address the orchestrator gets, and
-how `down` stops processes. The whole cluster going up, serving a study and going
-down is tests/test_cluster_e2e.py (marked `cluster`).
+how `down` stops processes. The whole cluster going up, serving studies through faults
+(processes killed and restarted) and going down is tests/test_fault_matrix.py; data in
+and out over mutual TLS is tests/test_deployment_io.py (both marked `cluster`).
 """
 
 from __future__ import annotations

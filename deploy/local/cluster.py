@@ -8,11 +8,19 @@ orchestrator reaches the two evaluators as one target, `ipv4:127.0.0.1:P1,127.0.
 (gRPC's ipv4 resolver takes a list; `prunelab.rpc.make_channel` round-robins
 over it), as it reaches a scaled Kubernetes Service through `dns:///evaluator:PORT`.
 
+Least privilege, as compose and Kubernetes set it up: the evaluators' S3 key reads the
+bucket and writes only below `results/evaluator/` (PRUNELAB_STORE_WRITE_AREA), the
+profiler's only reads; the other services and clients hold the full key.
+
 With `--tls` (`up(tls=True)`) every connection is mutual TLS, with certificates
 that `prunelab certs` makes in `<state dir>/certs/` (a client uses `certs/cli`, as
 the `client_env` of state.json says); without it, plaintext on 127.0.0.1.
 
-PIDs, ports and the S3 key pair are in `<state dir>/state.json`, logs in
+`restart NAME` (`restart`) starts one process again where it was, with the same port,
+environment and data, as a container's restart policy would; the fault-matrix tests
+kill processes and bring them back with it.
+
+PIDs, ports, environments and the S3 key pair are in `<state dir>/state.json`, logs in
 `<state dir>/logs/`. The store's data and the orchestrator's database stay in the
 state dir across down/up; delete the folder to start afresh.
 """
@@ -35,7 +43,8 @@ from prunelab.config import TransportSettings, settings
 from prunelab.errors import FailedPrecondition, PrunelabError, Unavailable
 from prunelab.rpc import check_health
 from prunelab.rpc.certs import issue_certificates
-from prunelab.store.seaweed import HOST, free_ports, start_seaweed
+from prunelab.store.base import RESULT_AREAS
+from prunelab.store.seaweed import HOST, free_ports, scoped_identity, start_seaweed
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = REPO / ".prunelab" / "local-cluster"
@@ -46,6 +55,8 @@ ACCESS_KEY = "prunelab-local"
 # Workers in start order, with their replica count; the orchestrator comes last,
 # pointed at them.
 WORKERS = {"pruner": 1, "tuner": 1, "evaluator": 2, "profiler": 1}
+# Workers with a key of their own: where in the bucket each may write (None: nowhere)
+SCOPED_KEYS = {"evaluator": next(iter(RESULT_AREAS)), "profiler": None}
 ORCHESTRATOR = "orchestrator"
 
 READY_TIMEOUT_S = 180.0  # importing torch on a loaded 2-core machine is slow
@@ -64,6 +75,8 @@ class Process:
     log: str
     port: int | None = None  # gRPC port; None for SeaweedFS
     health_service: str = ""  # what its health check asks for
+    service: str = ""  # "evaluator" for evaluator-2: the entry point it runs
+    env: dict[str, str] = field(default_factory=dict)  # set for it on top of the inherited environment
 
     def handle(self) -> psutil.Process | None:
         """The live process, or None if it has exited (or its PID was reused)."""
@@ -86,8 +99,9 @@ class Cluster:
     store_env: dict[str, str]  # PRUNELAB_STORE and PRUNELAB_S3_*: what a client needs to reach the store
     metrics: str = ""  # the orchestrator's Prometheus endpoint, http://host:port/metrics
     processes: list[Process] = field(default_factory=list)
-    seaweed_ports: list[int] = field(default_factory=list)
+    seaweed_ports: dict[str, int] = field(default_factory=dict)  # flag -> port: a restarted store keeps them
     client_env: dict[str, str] = field(default_factory=dict)  # with TLS: PRUNELAB_TLS_DIR of the CLI's certificate
+    scoped_secrets: dict[str, str] = field(default_factory=dict)  # service -> the secret of its own S3 key (SCOPED_KEYS)
 
     def client_transport(self) -> TransportSettings:
         """How a client of this cluster dials it: this process's settings, with the cluster's certificate."""
@@ -145,7 +159,9 @@ def up(
     # ports come from the ephemeral range, which holds 50051).
     ports = iter([port for port in free_ports(sum(WORKERS.values()) + 3) if port != orchestrator_port])
     orchestrator_port = orchestrator_port or next(ports)
-    store = start_seaweed(state_dir / "seaweedfs", ACCESS_KEY, secrets.token_hex(20))
+    scoped_secrets = {service: secrets.token_hex(20) for service in SCOPED_KEYS}
+    store = start_seaweed(state_dir / "seaweedfs", ACCESS_KEY, secrets.token_hex(20), identities=_scoped_identities(scoped_secrets))
+    store.client().make_bucket(BUCKET)  # before any service: the scoped keys may not create it
     cluster = Cluster(
         state_dir=str(state_dir),
         orchestrator=f"{HOST}:{orchestrator_port}",
@@ -157,23 +173,22 @@ def up(
             "PRUNELAB_S3_SECRET_KEY": store.secret_key,
             "PRUNELAB_S3_SECURE": "false",
         },
-        processes=[Process("seaweedfs", store.process.pid, psutil.Process(store.process.pid).create_time(), str(store.log_path))],
-        seaweed_ports=list(store.ports.values()),
+        processes=[Process("seaweedfs", store.process.pid, psutil.Process(store.process.pid).create_time(), str(store.log_path),
+                           service="seaweedfs")],
+        seaweed_ports=dict(store.ports),
+        scoped_secrets=scoped_secrets,
     )
     cluster.save()  # from here on, `down` can clean up whatever happens
     try:
         # Every process shares this machine's cores: as many jobs at once as cores, one
         # torch thread each, so concurrent jobs do not oversubscribe the CPU.
-        # the cluster's transport is its own (`tls`), never a TLS setting left in the shell
-        inherited = {k: v for k, v in os.environ.items() if k not in ("PRUNELAB_TLS_DIR", "PRUNELAB_TLS_CLIENT_AUTH")}
-        base_env = {**inherited, **cluster.store_env, "PRUNELAB_GRPC_HOST": HOST,
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        base_env = {**cluster.store_env, "PRUNELAB_GRPC_HOST": HOST, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         tls_env = _certificates(state_dir / "certs", cluster) if tls else lambda _name: {}
         for name in WORKERS:
             replica_ports = [next(ports) for _ in range(WORKERS[name])]
             for index, port in enumerate(replica_ports, start=1):
                 label = f"{name}-{index}" if WORKERS[name] > 1 else name
-                cluster.processes.append(_spawn(name, label, port, base_env | tls_env(name), logs, python))
+                cluster.processes.append(_spawn(name, label, port, base_env | _store_key(cluster, name) | tls_env(name), logs, python))
             cluster.targets[name] = ipv4_target(replica_ports)
         orchestrator_env = {
             **base_env,
@@ -194,6 +209,19 @@ def up(
     return cluster
 
 
+def _scoped_identities(scoped_secrets: dict[str, str]) -> list[dict]:
+    return [scoped_identity(service, f"{ACCESS_KEY}-{service}", secret, BUCKET, SCOPED_KEYS[service])
+            for service, secret in scoped_secrets.items()]
+
+
+def _store_key(cluster: Cluster, service: str) -> dict[str, str]:
+    """The S3 key `service` runs with: its own scoped one, if it has one, confined to its area."""
+    if service not in cluster.scoped_secrets:
+        return {}
+    return {"PRUNELAB_S3_ACCESS_KEY": f"{ACCESS_KEY}-{service}", "PRUNELAB_S3_SECRET_KEY": cluster.scoped_secrets[service],
+            "PRUNELAB_STORE_WRITE_AREA": SCOPED_KEYS[service] or ""}
+
+
 def _certificates(folder: Path, cluster: Cluster):
     """A certificate per service and for clients in `folder`; the clients' recorded in
     `cluster`. Returns the environment that puts a service on mutual TLS."""
@@ -212,26 +240,34 @@ def _refuse_if_running(state_dir: Path) -> None:
     state_path(state_dir).unlink()  # left by a cluster that died without `down`
 
 
-def _spawn(service: str, label: str, port: int, env: dict[str, str], logs: Path, python: str) -> Process:
+def _inherited_environment() -> dict[str, str]:
+    """This process's environment, less its TLS settings: the cluster's transport is its own (`tls`)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PRUNELAB_TLS_DIR", "PRUNELAB_TLS_CLIENT_AUTH")}
+
+
+def _spawn(service: str, label: str, port: int, env: dict[str, str], logs: Path, python: str, extra_env: dict[str, str] | None = None) -> Process:
+    """Start `service` as `label` on `port` with `env` on top of the inherited environment
+    (recorded, for `restart`) and `extra_env` on top of that (this start only)."""
     log_path = logs / f"{label}.log"
-    with log_path.open("wb") as log_file:
+    with log_path.open("ab") as log_file:  # a restarted process's log continues its predecessor's
         # A session of its own: a Ctrl-C in the terminal that ran `make up-local`
         # does not reach the services; `down` stops them.
         process = subprocess.Popen(
             [python, str(entry_point(service))],
             cwd=REPO,
-            env={**env, "PRUNELAB_GRPC_PORT": str(port)},
+            env={**_inherited_environment(), **env, **(extra_env or {}), "PRUNELAB_GRPC_PORT": str(port)},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return Process(label, process.pid, psutil.Process(process.pid).create_time(), str(log_path), port, health_name(service))
+    return Process(label, process.pid, psutil.Process(process.pid).create_time(), str(log_path), port, health_name(service), service, env)
 
 
-def _wait_healthy(cluster: Cluster, timeout: float) -> None:
+def _wait_healthy(cluster: Cluster, timeout: float, names: set[str] | None = None) -> None:
+    """Wait until every service of `cluster` (or those `names`) answers SERVING."""
     transport = cluster.client_transport()
-    pending = [p for p in cluster.processes if p.port is not None]
+    pending = [p for p in cluster.processes if p.port is not None and (names is None or p.name in names)]
     deadline = time.monotonic() + timeout
     while pending:
         for process in list(pending):
@@ -270,7 +306,7 @@ def down(state_dir: Path = STATE_DIR, timeout: float = STOP_TIMEOUT_S) -> list[s
     store = [p for p in cluster.processes if p.port is None]
     stopped = _stop(services, timeout) + _stop(store, timeout)
     # weed's gRPC listeners leave Unix sockets in /tmp named by port (see prunelab.store.seaweed)
-    for port in cluster.seaweed_ports:
+    for port in cluster.seaweed_ports.values():
         for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
             leftover.unlink(missing_ok=True)
     state_path(state_dir).unlink()
@@ -287,6 +323,39 @@ def _stop(processes: list[Process], timeout: float) -> list[str]:
         handle.kill()
     psutil.wait_procs(still_running, timeout=timeout)
     return list(running)
+
+
+def restart(
+    state_dir: Path,
+    name: str,
+    *,
+    extra_env: dict[str, str] | None = None,
+    python: str = sys.executable,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> Process:
+    """Start the exited process `name` ("pruner", "evaluator-2", "seaweedfs") again as
+    `up` started it: same port, environment and data, `extra_env` added for this start
+    only. Returns once it is healthy (the store: once it answers S3 calls).
+    Raises FailedPrecondition if there is no such process or it is still running."""
+    state_dir = state_dir.resolve()
+    cluster = Cluster.load(state_dir)
+    old = next((p for p in cluster.processes if p.name == name), None) if cluster is not None else None
+    if old is None:
+        raise FailedPrecondition(f"no process named {name!r} in the local cluster at {state_dir}")
+    if (running := old.handle()) is not None:
+        raise FailedPrecondition(f"{name} is still running (pid {running.pid}); stop it first")
+    if old.port is None:
+        store = start_seaweed(Path(old.log).parent, ACCESS_KEY, cluster.store_env["PRUNELAB_S3_SECRET_KEY"],
+                              ready_timeout=ready_timeout, ports=cluster.seaweed_ports,
+                              identities=_scoped_identities(cluster.scoped_secrets))
+        new = replace(old, pid=store.process.pid, started=psutil.Process(store.process.pid).create_time())
+    else:
+        new = _spawn(old.service, name, old.port, old.env, Path(old.log).parent, python, extra_env)
+    cluster.processes = [new if p.name == name else p for p in cluster.processes]
+    cluster.save()
+    if new.port is not None:
+        _wait_healthy(cluster, ready_timeout, {name})
+    return new
 
 
 def status(state_dir: Path = STATE_DIR) -> dict[str, str]:
@@ -313,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for health (default %(default)s)")
     start.add_argument("--tls", action="store_true", help="mutual TLS between every process (certificates in STATE_DIR/certs)")
     commands.add_parser("down", help="stop every process of the cluster")
+    again = commands.add_parser("restart", help="start one exited process again (same port, environment, data)")
+    again.add_argument("name", help="a process name from `status`: pruner, evaluator-2, seaweedfs, ...")
     commands.add_parser("status", help="each process's health")
     args = parser.parse_args(argv)
 
@@ -331,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orchestrator: {cluster.orchestrator}   ({client}prunelab run STUDY.yaml --orchestrator {cluster.orchestrator})")
         print(f"metrics: {cluster.metrics}")
         print("stop it with: make down-local")
+        return 0
+    if args.command == "restart":
+        try:
+            process = restart(args.state_dir, args.name)
+        except PrunelabError as err:
+            print(f"restart: {err.reason}", file=sys.stderr)
+            return 1
+        print(f"{process.name} restarted (pid {process.pid})")
         return 0
     if args.command == "down":
         stopped = down(args.state_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import queue
 import sys
 import threading
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 import grpc
 
 from prunelab.errors import ReplicaBusy
+
+log = logging.getLogger(__name__)
 
 Update = TypeVar("Update")
 Result = TypeVar("Result")
@@ -77,6 +80,7 @@ def stream_job(
     # The copied context carries the call's job id into the worker's log lines.
     worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True)
     worker.start()
+    log.info("%s: started on this replica", name)  # which replica ran a job, for operators (and the fault tests)
     try:
         while (item := updates.get()) is not _DONE:
             yield item
