@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 
 import grpc
 import pytest
@@ -22,8 +23,10 @@ from prunelab.rpc import (
     check_health,
     error_detail,
     job_metadata,
+    jobs,
     wait_ready,
 )
+from prunelab.rpc.jobs import stream_job
 from prunelab.v1.common_pb2 import ErrorDetail, Progress
 
 DOMAIN_ERRORS = [
@@ -262,3 +265,20 @@ def test_health_watchers_do_not_hold_worker_threads(grpc_server, grpc_channel, p
     assert ProbeClient(channel).unary(ErrorDetail(), timeout=3).phase == "done"
     for watch in watches:
         watch.cancel()
+
+
+def test_a_quiet_job_sends_its_latest_update_again_so_the_watchdog_hears_a_live_worker(monkeypatch):
+    monkeypatch.setattr(jobs, "HEARTBEAT_S", 0.05)
+
+    class Context:
+        def add_callback(self, _callback) -> None:
+            pass
+
+    def waits_out_an_outage(report, _should_stop) -> str:
+        report("uploading")
+        time.sleep(0.6)  # silent, as a job retrying an unreachable store is
+        return "stored"
+
+    events = list(stream_job(waits_out_an_outage, Context(), "quiet"))
+    assert events[0] == "uploading" and events[-1] == "stored"
+    assert set(events[1:-1]) == {"uploading"} and len(events) >= 6  # about one every HEARTBEAT_S

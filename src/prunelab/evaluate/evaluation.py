@@ -37,7 +37,7 @@ from prunelab.evaluate.tasks import (
 )
 from prunelab.limits import check_limit
 from prunelab.models import LoadedModel, ModelSource, load_model
-from prunelab.store import ArtifactRef, open_store
+from prunelab.store import ArtifactRef, ArtifactStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,9 @@ def run_evaluation(
         report or (lambda update: None),
         should_stop or (lambda: False),
     )
+    # Opened first: an unreachable store fails the job before any work, and an outage
+    # during it costs the record's upload retries (PRUNELAB_S3_RETRY_S), not the evaluation.
+    store = open_store()
     phases.update("load", 0, 1, f"loading {spec.model}")
     loaded = load_model(spec.model, dtype=DTYPES[spec.dtype], device=spec.resolved_device)
     phases.update("load", 1, 1, f"loaded {spec.model} ({loaded.source.kind}, sha256 {loaded.source.sha256[:12]})")
@@ -153,7 +156,7 @@ def run_evaluation(
     average = study_average(scores)
     document = _document(spec, loaded.source, scored, scores, average, prepared, lm_eval_results)
     phases.update("store", 0, 1, "storing evaluation.json")
-    artifact = _store(document, loaded.source.sha256)
+    artifact = _store(store, document, loaded.source.sha256)
     phases.update("store", 1, 1, f"stored {artifact.uri}")
     return Evaluation(loaded.source, scored, scores, average, document, artifact)
 
@@ -226,8 +229,7 @@ def _document(
     }
 
 
-def _store(document: dict[str, Any], checkpoint_sha256: str) -> ArtifactRef:
-    store = open_store()
+def _store(store: ArtifactStore, document: dict[str, Any], checkpoint_sha256: str) -> ArtifactRef:
     meta = {
         "checkpoint_sha256": checkpoint_sha256,
         "model": document["checkpoint"]["spec"],

@@ -18,7 +18,7 @@ from prunelab.models import load_model, save_checkpoint
 from prunelab.prune.memory import PeakMemory
 from prunelab.prune.pruner import Progress, PruneReport, PruneSettings, no_progress, prune_model
 from prunelab.prune.sparse import check_saved_sparsity
-from prunelab.store import ArtifactRef, open_store
+from prunelab.store import ArtifactRef, ArtifactStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ def run_prune(
         raise InvalidArgument(f"{out_dir} already exists; checkpoints are never overwritten", field="out_dir")
     started = time.perf_counter()
     on_gpu = torch.device(device).type == "cuda"
+    # Opened first: an unreachable store fails the job before any work, and an outage
+    # during it costs the upload's retries (PRUNELAB_S3_RETRY_S), not the pruning.
+    store = open_store()
     with PeakMemory(device) as memory:
         progress("load", 0.0, f"loading {model}")
         # bf16 on GPUs halves memory and is what the importance pass is run in there;
@@ -74,7 +77,7 @@ def run_prune(
         text = resolve_text(settings.calibration, split=calibration_split) if settings.needs_calibration_text else ""
         report = prune_model(loaded.model, loaded.tokenizer, settings, text, progress)
         progress("save", 0.9, "writing the checkpoint")
-        artifact, checkpoint_dir = _publish(loaded, settings, report, calibration_split, out_dir)
+        artifact, checkpoint_dir = _publish(loaded, settings, report, calibration_split, out_dir, store)
     outcome = PruneOutcome(
         report=report,
         artifact=artifact,
@@ -90,7 +93,7 @@ def run_prune(
 
 
 def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_split: str,
-             out_dir: Path | None) -> tuple[ArtifactRef, Path | None]:
+             out_dir: Path | None, store: ArtifactStore) -> tuple[ArtifactRef, Path | None]:
     provenance = {
         "base_model_id": loaded.source.base_id,
         "base_model_sha256": loaded.source.sha256,
@@ -128,7 +131,7 @@ def _publish(loaded, settings: PruneSettings, report: PruneReport, calibration_s
             "nonzero_params": report.nonzero_params,
             "pattern": report.sparsity["pattern"] if report.sparsity else "",
         }
-        artifact = open_store().put_dir(target, kind="model", meta=meta)
+        artifact = store.put_dir(target, kind="model", meta=meta)
     except BaseException:
         if out_dir is not None:
             shutil.rmtree(target, ignore_errors=True)

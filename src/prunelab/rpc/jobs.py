@@ -23,6 +23,10 @@ from prunelab.errors import ReplicaBusy
 
 log = logging.getLogger(__name__)
 
+# A job quiet this long (waiting out a store outage, one long step) sends its latest update
+# again: the orchestrator's watchdog hears a live worker, and only a hung one falls silent.
+HEARTBEAT_S = 5.0
+
 Update = TypeVar("Update")
 Result = TypeVar("Result")
 _DONE = object()
@@ -58,7 +62,8 @@ def stream_job(
     """Run `job(report, should_stop)`: yield each update it reports, then its result;
     re-raise its error. When the call ends first (client cancelled or gone),
     `should_stop()` turns true and the job's next report raises JobCancelled inside
-    it; this waits for the job to stop so its resources are free before the slot is."""
+    it; this waits for the job to stop so its resources are free before the slot is.
+    While the job reports nothing, its latest update is sent again every HEARTBEAT_S."""
     updates: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
     context.add_callback(stop.set)  # runs when the call ends, cancelled or not
@@ -82,7 +87,17 @@ def stream_job(
     worker.start()
     log.info("%s: started on this replica", name)  # which replica ran a job, for operators (and the fault tests)
     try:
-        while (item := updates.get()) is not _DONE:
+        latest = None
+        while True:
+            try:
+                item = updates.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                if latest is not None:
+                    yield latest
+                continue
+            if item is _DONE:
+                break
+            latest = item
             yield item
     finally:
         stop.set()

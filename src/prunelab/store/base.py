@@ -47,6 +47,7 @@ from prunelab.store.manifest import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class StoreAudit:
     """What `ArtifactStore.audit` found."""

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from prunelab.errors import FailedPrecondition, InvalidArgument
 from prunelab.models import LoadedModel, load_model, read_provenance, save_checkpoint
 from prunelab.prune.memory import PeakMemory
-from prunelab.store import ArtifactRef, open_store
+from prunelab.store import ArtifactRef, ArtifactStore, open_store
 from prunelab.tune.data import TuneData, build_tune_data, dataset_format
 from prunelab.tune.objective import Objective
 from prunelab.tune.ranks import ONE_PROCESS, Ranks
@@ -148,6 +148,9 @@ def run_tune(
     progress = progress if ranks.main else no_progress
     dtype = training_dtype(settings.precision, device)
     cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    # Opened first: an unreachable store fails the job before any work, and an outage
+    # during it costs the upload's retries (PRUNELAB_S3_RETRY_S), not the training.
+    store = open_store()
     # The job seeds torch's global RNG (LoRA init, dropout); fork_rng gives the caller its own back.
     with PeakMemory(device) as memory, torch.random.fork_rng(devices=cuda_devices):
         progress(TuneUpdate("load", 0.0, f"loading {model}"))
@@ -164,7 +167,7 @@ def run_tune(
                 return None
             trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
             progress(TuneUpdate("save", TRAIN_END, f"{training.reason}; writing the model"))
-            published = _publish(loaded, trained, data, settings, training, dtype, out_dir, heldout_before, zeros, teacher)
+            published = _publish(loaded, trained, data, settings, training, dtype, out_dir, heldout_before, zeros, teacher, store)
             snapshots.remove()  # the artifacts are stored; a rerun starts afresh
             ranks.barrier()
     outcome = TuneOutcome(
@@ -294,7 +297,7 @@ def _heldout_loss(model: PreTrainedModel, data: TuneData, settings: TuneSettings
 def _publish(
     loaded: LoadedModel, trained: PeftModel | PreTrainedModel, data: TuneData, settings: TuneSettings,
     training: TrainingResult, dtype: torch.dtype, out_dir: Path | None, heldout_before: float, zeros: ZeroPattern | None,
-    teacher: LoadedModel | None,
+    teacher: LoadedModel | None, store: ArtifactStore,
 ) -> dict[str, Any]:
     """Save the adapter (LoRA), fold it in, check the model, store both."""
     state = training.state
@@ -317,7 +320,6 @@ def _publish(
         save_checkpoint(merged, loaded.tokenizer, target, record)
         meta = {"base_model": record["base_model_id"], "method": record["method"], "objective": settings.objective,
                 "input_sha256": loaded.source.sha256, **summary}
-        store = open_store()
         artifact = store.put_dir(target, kind="model", meta=meta)
         adapter = None
         if adapter_dir is not None:
