@@ -40,7 +40,7 @@ lint: setup  ## ruff over code and tests
 bench: setup  ## every benchmark script (prints tables; needs ../shared/data; minutes each). -P: bench/profile.py would shadow the stdlib profile module
 	for b in bench/*.py; do $(PY) -P $$b || exit 1; done
 
-test-slow: setup  ## end-to-end suites on the real model
+test-slow: setup  ## end-to-end suites on the real model, and the fault matrix's long rows (about 15 min of them)
 	$(PY) -m pytest -m "slow"
 
 test-all: setup  ## everything
