@@ -41,7 +41,7 @@ import grpc
 import pytest
 import yaml
 from test_deploy_local import cluster as local_cluster
-from test_orchestrate import WORDS, wait_for
+from test_orchestrate import wait_for, write_text
 
 from prunelab.cli import main as cli_main
 from prunelab.config import settings
@@ -135,20 +135,11 @@ def study_document(model: Path, text: Path) -> dict:
     }
 
 
-def write_long_text(folder: Path) -> Path:
-    """train/validation text of 3,000 lines of 12 words (write_text's, ten times over)."""
-    folder.mkdir()
-    lines = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(3000)]
-    for split in ("train", "validation"):
-        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 def submit(cluster: local_cluster.Cluster, checkpoint: Path, folder: Path) -> Trial:
     """The matrix's study on fresh copies of the model and text in `folder`, submitted."""
     model = Path(shutil.copytree(checkpoint, folder / "model"))
     path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(study_document(model, write_long_text(folder / "text"))))
+    path.write_text(yaml.safe_dump(study_document(model, write_text(folder / "text", count=3000))))
     assert cli_main(["run", str(path), "--orchestrator", cluster.orchestrator, "--detach"]) == 0
     return Trial(load_study(path).id, folder)
 

@@ -49,10 +49,10 @@ DEADLINE_S = 240.0
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_text(folder: Path) -> Path:
-    """train/validation text: 300 lines of 12 words, varied so that windows differ."""
+def write_text(folder: Path, count: int = 300) -> Path:
+    """train/validation text: `count` lines of 12 words, varied so that windows differ."""
     folder.mkdir()
-    lines = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(12)) for i in range(300)]
+    lines = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(12)) for i in range(count)]
     for split in ("train", "validation"):
         (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return folder

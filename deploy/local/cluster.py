@@ -58,6 +58,7 @@ WORKERS = {"pruner": 1, "tuner": 1, "evaluator": 2, "profiler": 1}
 # Workers with a key of their own: where in the bucket each may write (None: nowhere)
 SCOPED_KEYS = {"evaluator": next(iter(RESULT_AREAS)), "profiler": None}
 ORCHESTRATOR = "orchestrator"
+SEAWEED_DIR = "seaweedfs"  # below the state dir: the store's data, keys and log
 
 READY_TIMEOUT_S = 180.0  # importing torch on a loaded 2-core machine is slow
 STOP_TIMEOUT_S = 30.0  # the servers drain for up to 25 s (prunelab.rpc.server)
@@ -160,7 +161,7 @@ def up(
     ports = iter([port for port in free_ports(sum(WORKERS.values()) + 3) if port != orchestrator_port])
     orchestrator_port = orchestrator_port or next(ports)
     scoped_secrets = {service: secrets.token_hex(20) for service in SCOPED_KEYS}
-    store = start_seaweed(state_dir / "seaweedfs", ACCESS_KEY, secrets.token_hex(20), identities=_scoped_identities(scoped_secrets))
+    store = start_seaweed(state_dir / SEAWEED_DIR, ACCESS_KEY, secrets.token_hex(20), identities=_scoped_identities(scoped_secrets))
     store.client().make_bucket(BUCKET)  # before any service: the scoped keys may not create it
     cluster = Cluster(
         state_dir=str(state_dir),
@@ -345,7 +346,7 @@ def restart(
     if (running := old.handle()) is not None:
         raise FailedPrecondition(f"{name} is still running (pid {running.pid}); stop it first")
     if old.port is None:
-        store = start_seaweed(Path(old.log).parent, ACCESS_KEY, cluster.store_env["PRUNELAB_S3_SECRET_KEY"],
+        store = start_seaweed(state_dir / SEAWEED_DIR, ACCESS_KEY, cluster.store_env["PRUNELAB_S3_SECRET_KEY"],
                               ready_timeout=ready_timeout, ports=cluster.seaweed_ports,
                               identities=_scoped_identities(cluster.scoped_secrets))
         new = replace(old, pid=store.process.pid, started=psutil.Process(store.process.pid).create_time())

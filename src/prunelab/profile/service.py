@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -11,10 +10,10 @@ import grpc
 from prunelab.errors import ReplicaBusy
 from prunelab.profile.messages import progress_message, request_settings, result_message
 from prunelab.profile.profiler import ProfileReport, run_profile
+from prunelab.rpc.jobs import log_started
 from prunelab.v1 import profiler_pb2, profiler_pb2_grpc
 
 SERVICE_NAME = "prunelab.v1.Profiler"
-log = logging.getLogger(__name__)
 
 # One profile at a time per process: two would share the CPU cores (or the GPU) and
 # each would time the other; the embedded mode's servicers share it too.
@@ -26,7 +25,7 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
         model, baseline, options = request_settings(request)
         if not _PROFILING.acquire(blocking=False):
             raise ReplicaBusy("another profile is running in this process; retry when it has finished")
-        log.info("profile-%s: started on this replica", request.job_id or "-")  # as prunelab.rpc.jobs logs the others
+        log_started(f"profile-{request.job_id or '-'}")
         try:
             for event in run_profile([model], baseline=baseline, options=options):
                 if isinstance(event, ProfileReport):

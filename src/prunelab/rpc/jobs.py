@@ -85,7 +85,7 @@ def stream_job(
     # The copied context carries the call's job id into the worker's log lines.
     worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True)
     worker.start()
-    log.info("%s: started on this replica", name)  # which replica ran a job, for operators (and the fault tests)
+    log_started(name)
     try:
         latest = None
         while True:
@@ -106,6 +106,12 @@ def stream_job(
     if "error" in outcome:
         raise outcome["error"]
     yield outcome["result"]
+
+
+def log_started(name: str) -> None:
+    """One line per job a replica starts ("prune-<job id>: started on this replica"): which
+    replica ran which job, for operators (and the fault tests, which count them)."""
+    log.info("%s: started on this replica", name)
 
 
 def release_cuda_cache() -> None:

@@ -73,8 +73,12 @@ def manifest_key(digest: str, area: str = ROOT_AREA) -> str:
     return under(area, f"{ARTIFACTS}/{digest}/manifest.json")
 
 
+def files_folder(digest: str, area: str = ROOT_AREA) -> str:
+    return under(area, f"{ARTIFACTS}/{digest}/files")
+
+
 def file_key(digest: str, relative_path: str, area: str = ROOT_AREA) -> str:
-    return under(area, f"{ARTIFACTS}/{digest}/files/{relative_path}")
+    return f"{files_folder(digest, area)}/{relative_path}"
 
 
 def ref_key(name: str, area: str = ROOT_AREA) -> str:
@@ -277,9 +281,9 @@ class ArtifactStore(ABC):
         """digest -> the area its manifest was read from (a published artifact never moves)."""
         return {}
 
-    def _files_folder(self, digest: str) -> str:
-        """The key prefix of the artifact's files, in the area its manifest came from."""
-        return under(self._areas.get(digest, ROOT_AREA), f"{ARTIFACTS}/{digest}/files")
+    def _area_of(self, digest: str) -> str:
+        """The area the artifact's manifest was read from: where its files are."""
+        return self._areas.get(digest, ROOT_AREA)
 
     def _manifest(self, digest: str) -> Manifest:
         for area in AREAS:

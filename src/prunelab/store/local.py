@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prunelab.errors import NotFound
-from prunelab.store.base import ARTIFACTS, ArtifactStore, under
+from prunelab.store.base import ARTIFACTS, ArtifactStore, files_folder, under
 from prunelab.store.manifest import Manifest
 from prunelab.store.verify import check_folder, fsync_dir, fsync_file, verified_folder
 
@@ -68,10 +68,10 @@ class LocalStore(ArtifactStore):
         return (entry.name for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else iter(())
 
     def _materialize(self, manifest: Manifest, digest: str) -> Path:
-        return verified_folder(self._path(self._files_folder(digest)), manifest, digest)
+        return verified_folder(self._path(files_folder(digest, self._area_of(digest))), manifest, digest)
 
     def _check_stored(self, manifest: Manifest, digest: str) -> None:
-        check_folder(self._path(self._files_folder(digest)), manifest, digest)
+        check_folder(self._path(files_folder(digest, self._area_of(digest))), manifest, digest)
 
     @contextlib.contextmanager
     def _replacing(self, target: Path) -> Iterator[Path]:

@@ -21,7 +21,7 @@ from minio.error import MinioException, S3Error
 
 from prunelab.config import S3Settings
 from prunelab.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, PrunelabError, Unavailable
-from prunelab.store.base import ARTIFACTS, ArtifactStore, under
+from prunelab.store.base import ARTIFACTS, ArtifactStore, file_key, under
 from prunelab.store.manifest import HASH_CHUNK, FileEntry, Manifest, check_file
 from prunelab.store.verify import fsync_dir, verified_folder
 
@@ -214,7 +214,7 @@ class S3Store(ArtifactStore):
         dest.parent.mkdir(parents=True, exist_ok=True)
         def download() -> tuple[str, int]:
             hasher, size = hashlib.sha256(), 0  # afresh on every try
-            response = self.client.get_object(self.bucket, self._key(f"{self._files_folder(digest)}/{entry.path}"))
+            response = self.client.get_object(self.bucket, self._key(file_key(digest, entry.path, self._area_of(digest))))
             try:
                 with dest.open("wb") as out:
                     for chunk in response.stream(HASH_CHUNK):
