@@ -44,7 +44,7 @@ from prunelab.errors import FailedPrecondition, PrunelabError, Unavailable
 from prunelab.rpc import check_health
 from prunelab.rpc.certs import issue_certificates
 from prunelab.store.base import RESULT_AREAS
-from prunelab.store.seaweed import HOST, free_ports, scoped_identity, start_seaweed
+from prunelab.store.seaweed import HOST, STOP_GRACE_S, free_ports, scoped_identity, start_seaweed
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = REPO / ".prunelab" / "local-cluster"
@@ -297,15 +297,15 @@ def _tail(path: str, lines: int = 20) -> str:
 
 def down(state_dir: Path = STATE_DIR, timeout: float = STOP_TIMEOUT_S) -> list[str]:
     """Stop every process `up` recorded (SIGTERM, then SIGKILL after `timeout`
-    seconds): the services first, the store last, so draining calls can still
-    reach it. Returns the names of the processes that were still running."""
+    seconds, the store after STOP_GRACE_S): the services first, the store last, so
+    draining calls can still reach it. Returns the names of the processes that were still running."""
     state_dir = state_dir.resolve()
     cluster = Cluster.load(state_dir)
     if cluster is None:
         return []
     services = [p for p in cluster.processes if p.port is not None]
     store = [p for p in cluster.processes if p.port is None]
-    stopped = _stop(services, timeout) + _stop(store, timeout)
+    stopped = _stop(services, timeout) + _stop(store, STOP_GRACE_S, warn=False)
     # weed's gRPC listeners leave Unix sockets in /tmp named by port (see prunelab.store.seaweed)
     for port in cluster.seaweed_ports.values():
         for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
@@ -314,13 +314,14 @@ def down(state_dir: Path = STATE_DIR, timeout: float = STOP_TIMEOUT_S) -> list[s
     return stopped
 
 
-def _stop(processes: list[Process], timeout: float) -> list[str]:
+def _stop(processes: list[Process], timeout: float, *, warn: bool = True) -> list[str]:
     running = {p.name: handle for p in processes if (handle := p.handle()) is not None}
     for handle in running.values():
         handle.terminate()
     _, still_running = psutil.wait_procs(list(running.values()), timeout=timeout)
     for handle in still_running:
-        print(f"pid {handle.pid} ignored SIGTERM for {timeout:.0f} s; killing it")
+        if warn:
+            print(f"pid {handle.pid} ignored SIGTERM for {timeout:.0f} s; killing it")
         handle.kill()
     psutil.wait_procs(still_running, timeout=timeout)
     return list(running)

@@ -1,8 +1,8 @@
-"""Start and stop a single-process SeaweedFS (`weed mini`) as a local S3 server.
+"""Start and stop a single-process SeaweedFS (`weed server -filer -s3`) as a local S3 server.
 
 Used by the test fixture, `bench/store.py` and the local cluster, so all three run
 the same real S3 implementation the same way. Every listener (master, volume,
-filer, S3, admin and their gRPC twins) gets a free port on 127.0.0.1, so parallel
+filer, S3 and their gRPC twins) gets a free port on 127.0.0.1, so parallel
 runs never collide, and the optional gateways (WebDAV, Iceberg, Lance) are off.
 """
 
@@ -27,28 +27,34 @@ from prunelab.errors import FailedPrecondition, Unavailable
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-# Listeners `weed mini` opens; each gets its own free port (gRPC ones included,
+# Listeners the server opens; each gets its own free port (gRPC ones included,
 # since weed's default of "HTTP port + 10000" may be taken or out of range).
 _PORT_FLAGS = (
     "master.port", "master.port.grpc",
     "volume.port", "volume.port.grpc",
     "filer.port", "filer.port.grpc",
     "s3.port", "s3.port.grpc",
-    "admin.port", "admin.port.grpc",
 )
 _QUIET_FLAGS = (
-    "-webdav=false",
-    "-admin.ui=false",
     "-s3.port.iceberg=0",
     "-s3.port.lance=0",
     "-master.telemetry=false",
+    "-volume.preStopSeconds=1",
 )
-# Every bucket is a SeaweedFS collection holding at least one volume of its own. Left
-# to itself, `weed mini` caps the volume count at free disk / volume size (17 on a
-# disk with 17 GiB free), so a test session's per-test buckets ran out of volumes and
-# uploads failed with HTTP 500. Volumes are sparse files that grow as data arrives,
-# so the cap below is only a count; a full disk still fails as a full disk.
-_VOLUME_FLAGS = ("-volume.max=1000",)
+# Every bucket is a SeaweedFS collection holding at least one volume of its own, so
+# the volume count is raised from the default (a session's per-test buckets ran out
+# of volumes and uploads failed with HTTP 500). Volumes are sparse files that grow as
+# data arrives, so the count costs no disk; 64 MB volumes keep each one small.
+# The volume server marks every volume read-only (HTTP 500 on every upload) once free
+# disk drops below its floor, by default 1 % of the disk: 2.5 GB of a shared 252 GB
+# disk, which a CI machine with 3 GB free crossed mid-run. `weed mini` cannot lower
+# that floor, hence `weed server`; a disk that is really full still fails as full.
+_VOLUME_FLAGS = ("-volume.max=1000", "-master.volumeSizeLimitMB=64", "-volume.minFreeSpace=64MiB")
+# On SIGTERM the filer first waits 15 s for its gRPC streams to end, and the S3
+# gateway's own metadata stream never does; only then are files closed. Every
+# acknowledged write is already in the files (volume and filer logs are appended
+# before the reply), so a kill after this grace loses nothing and saves those 15 s.
+STOP_GRACE_S = 2.0
 
 
 def weed_binary() -> Path | None:
@@ -70,7 +76,7 @@ def free_ports(count: int) -> list[int]:
 
 @dataclass
 class SeaweedServer:
-    """A running `weed mini`; `stop()` (or leaving the `with` block) ends it."""
+    """A running SeaweedFS server; `stop()` (or leaving the `with` block) ends it."""
 
     process: subprocess.Popen
     endpoint: str  # host:port of the S3 gateway, no scheme
@@ -83,14 +89,14 @@ class SeaweedServer:
     def client(self) -> Minio:
         return Minio(self.endpoint, self.access_key, self.secret_key, secure=False)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Terminate by PID, then kill if it has not exited within `timeout` seconds."""
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Terminate by PID, then kill if it has not exited within `grace` seconds."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout)
+                self.process.wait(grace)
             except subprocess.TimeoutExpired:
-                log.warning("weed (pid %d) ignored SIGTERM for %.0fs; killing it", self.process.pid, timeout)
+                log.debug("weed (pid %d) still stopping after %.0fs; killing it", self.process.pid, grace)
                 self.process.kill()
                 self.process.wait()
         # The gRPC listeners' sockets have no flag and land in /tmp, named by port.
@@ -114,7 +120,7 @@ def start_seaweed(
     ports: dict[str, int] | None = None,
     identities: list[dict] | None = None,
 ) -> SeaweedServer:
-    """Start `weed mini` storing under `data_dir`, with one admin identity holding
+    """Start SeaweedFS storing under `data_dir`, with one admin identity holding
     the given key pair (and the `identities`, made by `scoped_identity`), and return
     once its S3 gateway answers an authenticated call.
 
@@ -130,7 +136,7 @@ def start_seaweed(
     keys_path.write_text(json.dumps(_identities(access_key, secret_key, identities or [])))
     ports = ports or dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=False))
     command = [
-        str(binary), "mini",
+        str(binary), "server", "-filer", "-s3",
         f"-dir={data_dir / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
         f"-s3.config={keys_path}",
         # Unix sockets in the data dir rather than as /tmp/seaweedfs-*-<port>.sock leftovers.
