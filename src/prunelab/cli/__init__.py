@@ -27,7 +27,7 @@ EPILOG = "Run `prunelab COMMAND --help` for a command's options."
 # Subcommand -> the module under prunelab.cli that registers it, in `--help` order.
 # Only the chosen command's module is imported.
 COMMAND_MODULES = {
-    "data": "data", "prune": "prune", "tune": "tune", "evaluate": "evaluate", "profile": "profile",
+    "data": "data", "prune": "prune", "tune": "tune", "evaluate": "evaluate", "profile": "profile", "export": "export",
     "run": "study", "status": "study", "watch": "study", "report": "study", "cancel": "study",
     "doctor": "doctor", "artifact": "artifact", "certs": "certs",
 }

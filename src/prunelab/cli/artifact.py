@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="artifact_command", required=True, metavar="ACTION")
 
     lister = commands.add_parser("list", help="list the store's artifacts")
-    lister.add_argument("--kind", help="only this kind: model, adapter, dataset, report, ...")
+    lister.add_argument("--kind", help="only this kind: model, adapter, gguf, dataset, report, ...")
     lister.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     _where(lister)
     lister.set_defaults(handler=_list)

@@ -3,7 +3,7 @@ adapter the pruner shrinks models through, and the pruned-checkpoint format."""
 
 from prunelab.models.adapter import LayerProjections, LayerWidths, LlamaFamilyAdapter, model_family
 from prunelab.models.checkpoint import PROVENANCE_FILE, checkpoint_config, read_provenance, save_checkpoint
-from prunelab.models.loading import LoadedModel, ModelSource, load_model, resolve_model
+from prunelab.models.loading import LoadedModel, ModelSource, load_model, read_weights, resolve_model
 from prunelab.models.registry import register_model, registered_names
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "load_model",
     "model_family",
     "read_provenance",
+    "read_weights",
     "register_model",
     "registered_names",
     "resolve_model",

@@ -234,7 +234,7 @@ def _load_checkpoint(
         # and code shipped inside a checkpoint is never run.
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
-        model = model_class.from_pretrained(None, config=config, state_dict=_read_weights(directory), dtype=dtype,
+        model = model_class.from_pretrained(None, config=config, state_dict=read_weights(directory), dtype=dtype,
                                             device_map=device)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
@@ -245,7 +245,7 @@ def _load_checkpoint(
     return model, tokenizer
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the directory's safetensors files, read (pread) into this
     process's own memory. from_pretrained would map the files instead, and a
     mapped file's pages stay resident, counted in RSS, until every tensor read from
