@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/prunelab/v1/*.proto)
 STUBS := src/prunelab/v1/__init__.py
+# llama-cpp-python (an sdist, built once): for make test-slow and `prunelab profile --engine llama.cpp`
+LLAMA_STAMP := $(VENV)/.llama-cpp
 
 .PHONY: help setup proto run test lint test-slow test-all bench lock clean
 
@@ -40,10 +42,14 @@ lint: setup  ## ruff over code and tests
 bench: setup  ## every benchmark script (prints tables; needs ../shared/data; minutes each). -P: bench/profile.py would shadow the stdlib profile module
 	for b in bench/*.py; do $(PY) -P $$b || exit 1; done
 
-test-slow: setup  ## end-to-end suites on the real model, and the fault matrix's long rows (about 15 min of them)
+test-slow: setup $(LLAMA_STAMP)  ## end-to-end suites on the real model, the fault matrix's long rows and llama.cpp serving GGUF exports (about 20 min, plus ~4.5 min to build llama.cpp once)
 	$(PY) -m pytest -m "slow"
 
-test-all: setup  ## everything
+$(LLAMA_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	touch $@
+
+test-all: setup $(LLAMA_STAMP)  ## everything
 	$(PY) -m pytest
 
 lock:  ## rebuild requirements.txt from requirements.in in a scratch venv

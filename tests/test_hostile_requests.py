@@ -103,6 +103,17 @@ def _prune_cases() -> list[Case]:
     return cases
 
 
+def _export_cases() -> list[Case]:
+    def export(code, label, **fields):
+        return Case("Pruner.Export", label, code, lambda s, f=fields: _stream(s["pruner"].Export, pruner_pb2.ExportRequest(
+            **{"model": s["model"]} | s.format(f))))
+
+    cases = [export(code, f"model {path!r}", model=path) for path, code in HOSTILE_PATHS]
+    cases += [export(INVALID, f"{name} unknown", **{name: "../../etc/passwd"}) for name in ("format", "outtype")]
+    cases += [export(INVALID, "model empty", model=""), export(NOT_FOUND, "model a missing artifact", model="artifact://" + "0" * 64)]
+    return cases
+
+
 def _tune_cases() -> list[Case]:
     def tune(code, label, **fields):
         return Case("Tuner.Tune", label, code, lambda s, f=fields: _stream(s["tuner"].Tune, tuner_pb2.TuneRequest(
@@ -199,7 +210,7 @@ def _orchestrator_cases() -> list[Case]:
     return cases
 
 
-CASES = [*_prune_cases(), *_tune_cases(), *_evaluate_cases(), *_profile_cases(), *_orchestrator_cases()]
+CASES = [*_prune_cases(), *_export_cases(), *_tune_cases(), *_evaluate_cases(), *_profile_cases(), *_orchestrator_cases()]
 
 
 class Stubs(dict):

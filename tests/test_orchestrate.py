@@ -187,6 +187,29 @@ def test_prunelab_run_takes_a_study_to_a_report_with_every_table(study_yaml, tex
     assert cli_main(["report", study_id]) == 0 and capsys.readouterr().out.startswith("# Study tiny")
 
 
+def test_a_study_with_export_gguf_publishes_one_gguf_per_model_that_artifact_get_fetches(study_yaml, tmp_path, capsys):
+    import gguf
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(study_yaml(evaluation=None, profiling=None, tuning=None, export="gguf"))
+    study_id = load_study(path).id
+
+    assert cli_main(["run", str(path)]) == 0
+    jobs = StudyDB(settings().orchestrator_db).jobs(study_id)
+    assert sorted(job.key for job in jobs if job.kind == "export") == ["export base", "export l2 20%", "export taylor 20%"]
+    assert all(job.state == "done" for job in jobs)
+    exports = list(csv.DictReader(open(settings().home / "reports" / study_id / "table_exports.csv")))
+    assert [(row["Model"], row["Type"]) for row in exports] == [("base", "f16"), ("taylor 20%", "f16"), ("l2 20%", "f16")]
+    assert exports[0]["Architecture"] == "llama"
+    pruned = exports[1]
+    assert pruned["Architecture"] == "deci"  # layers 1:3 pruned, 0 and 3 whole: per-layer widths
+    capsys.readouterr()
+    assert cli_main(["artifact", "get", pruned["Artifact"], "--out", str(tmp_path / "fetched")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "fetched" / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert open_store().stat(pruned["Artifact"]).kind == "gguf"
+
+
 # ---- reuse, cancellation
 
 

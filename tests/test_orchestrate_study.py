@@ -55,7 +55,7 @@ def error_lines(text: str) -> list[str]:
         ({"model": None}, "examples/bad.yaml: model: required but missing"),
         ({"name": "My Study"}, "examples/bad.yaml: name: name 'My Study': use up to 64 lower-case letters"),
         ({"evaluation": {"tasks": []}}, "examples/bad.yaml: evaluation: nothing to evaluate"),
-        ({"evaluation": None, "profiling": None}, "examples/bad.yaml: (top level): nothing to measure"),
+        ({"evaluation": None, "profiling": None}, "examples/bad.yaml: (top level): nothing to do"),
         ({"evaluation": {"tasks": ["boolq"], "missing_task_data": "download"}},
          "examples/bad.yaml: evaluation.missing_task_data: unknown missing_task_data 'download'; allowed: skip, hub"),
         ({"profiling": {"device": "gpu"}}, "examples/bad.yaml: profiling.device: device 'gpu': use cpu, cuda or cuda:N"),

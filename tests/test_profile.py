@@ -5,6 +5,7 @@ processes, the CLI and the gRPC service."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -249,7 +250,7 @@ def test_rounds_alternate_which_model_goes_first(one_thread):
     orders = []
     for round_index in range(4):
         calls.clear()
-        timings = timed_round(models, ids, decode_steps=2, round_index=round_index)
+        timings = timed_round([functools.partial(time_generation, m) for m in models], ids, decode_steps=2, round_index=round_index)
         orders.append("".join(dict.fromkeys(calls)))  # first call of each model: prefill
         for model, timing in zip(models, timings, strict=True):
             assert torch.equal(timing.tokens, time_generation(model, ids, 2).tokens)
@@ -280,6 +281,9 @@ def test_a_model_against_itself_is_about_as_fast(checkpoints):
         ({"gen_tokens": -1}, "gen_tokens"),
         ({"dtype": "float8"}, "dtype"),
         ({"device": "tpu"}, "device"),
+        ({"engine": "vllm"}, "engine"),
+        ({"engine": "llama.cpp", "gguf_type": "q4_0", "batch_sizes": (1,)}, "gguf_type"),
+        ({"engine": "llama.cpp", "batch_sizes": (1, 8)}, "batch_sizes"),
     ],
 )
 def test_bad_options_are_refused_before_loading(change, field):
@@ -385,6 +389,7 @@ def profiler_stub(grpc_server, grpc_channel) -> profiler_pb2_grpc.ProfilerStub:
         ({"seq_len": 0}, "seq_len"),
         ({"model": "no-such-model"}, "model"),
         ({"model": ""}, "model"),
+        ({"engine": "llama.cpp", "batch_sizes": [1, 2]}, "batch_sizes"),
     ],
 )
 def test_bad_requests_over_a_socket_are_invalid_argument(profiler_stub, checkpoints, fields, field):

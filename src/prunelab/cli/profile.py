@@ -40,7 +40,9 @@ _OPTION_FLAGS: dict[str, tuple[Any, str]] = {
     "warmup": (int, "untimed rounds first (default 1)"),
     "device": (str, "cpu, cuda or cuda:N (default cpu)"),
     "dtype": (str, "float32, bfloat16 or float16 (default float32)"),
-    "threads": (int, "torch threads while timing (default: torch's)"),
+    "threads": (int, "torch (or llama.cpp) threads while timing (default: torch's)"),
+    "engine": (str, "torch (default) or llama.cpp: time GGUF exports in llama.cpp (pip install 'prunelab[llama]'); batch size 1"),
+    "gguf_type": (str, "llama.cpp: f16 (default) or q8_0 weights"),
 }
 
 
@@ -53,8 +55,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> ProfileOptions:
     from prunelab.profile import ProfileOptions
+    from prunelab.profile.options import default_batch_sizes
 
     given = {dest: getattr(args, dest) for dest in _OPTION_FLAGS if getattr(args, dest) is not None}
+    given.setdefault("batch_sizes", default_batch_sizes(given.get("engine", "torch")))
     return ProfileOptions(**given, measure_memory=not args.skip_memory)
 
 

@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from prunelab.config import Settings, settings
-from prunelab.orchestrate.graph import EVALUATE, KINDS, PROFILE, PRUNE, TUNE
+from prunelab.orchestrate.graph import EVALUATE, EXPORT, KINDS, PROFILE, PRUNE, TUNE
 from prunelab.rpc import InProcessRpcError, RpcStatus, call_in_process, job_metadata, make_channel
 from prunelab.v1 import common_pb2
 
@@ -42,6 +42,7 @@ BINDINGS = {
     TUNE: Binding("tuner", "Tuner", "Tune", "TuneRequest", "prunelab.tune.service:TunerServicer"),
     EVALUATE: Binding("evaluator", "Evaluator", "Evaluate", "EvaluateRequest", "prunelab.evaluate.service:EvaluatorServicer"),
     PROFILE: Binding("profiler", "Profiler", "Profile", "ProfileRequest", "prunelab.profile.service:ProfilerServicer"),
+    EXPORT: Binding("pruner", "Pruner", "Export", "ExportRequest", "prunelab.prune.service:PrunerServicer"),
 }
 # Parts of results too bulky for a database row; the stored artifacts keep them.
 _BULKY = {EVALUATE: [("report", "data", "lm_eval")]}

@@ -1,8 +1,9 @@
-"""A study as a graph of jobs: prune -> (tune) -> evaluate, profile.
+"""A study as a graph of jobs: prune -> (tune) -> evaluate, profile, export.
 
 Every model of the study (the base model, each pruned model, each tuned one) gets
 one evaluate job per perplexity corpus and seq_len and one per lm-eval task, so
-evaluator replicas share the work, and one profile job against the base model.
+evaluator replicas share the work, one profile job per engine against the base
+model, and one export job when the study asks for files to serve.
 A job's `inputs` are its request's fields (protobuf JSON names); a field whose
 value is `{"output_of": KEY}` takes the model that job KEY produced.
 
@@ -26,8 +27,9 @@ from prunelab.orchestrate.study import BEST_METHOD, Layers, PruningGrid, Study
 from prunelab.prune.pruner import BEST_CALIBRATION_SPLIT, PRUNER_VERSION, PruneSettings
 from prunelab.prune.sparse import SPARSE_METHODS, UNSTRUCTURED, Pattern
 
-PRUNE, TUNE, EVALUATE, PROFILE = "prune", "tune", "evaluate", "profile"
-KINDS = (PRUNE, TUNE, EVALUATE, PROFILE)
+PRUNE, TUNE, EVALUATE, PROFILE, EXPORT = "prune", "tune", "evaluate", "profile", "export"
+KINDS = (PRUNE, TUNE, EVALUATE, PROFILE, EXPORT)
+TORCH = "torch"  # the profiling engine whose jobs keep their inputs (and hashes) as before engines existed
 REFERENCE = "output_of"
 BASE_LABEL = "base"
 
@@ -222,9 +224,24 @@ def _measurements(study: Study, node: ModelNode, skipped_tasks: frozenset[str]) 
     meta = {"model": {"label": node.label, **node.facts}}
     jobs = _evaluations(study, node, skipped_tasks, needs, meta) if study.evaluation is not None else []
     if study.profiling is not None:
-        baseline = "" if node.facts["role"] == "base" else study.model
-        inputs = {"model": node.spec, "baseline": baseline, **study.profiling.model_dump()}
-        jobs.append(JobSpec(f"{PROFILE} {node.label}", PROFILE, inputs, needs, meta))
+        jobs += _profiles(study, node, needs, meta)
+    if study.export is not None:
+        inputs = {"model": node.spec, "format": study.export.format, "outtype": study.export.outtype}
+        jobs.append(JobSpec(f"{EXPORT} {node.label}", EXPORT, inputs, needs, meta))
+    return jobs
+
+
+def _profiles(study: Study, node: ModelNode, needs: tuple[str, ...], meta: dict[str, Any]) -> list[JobSpec]:
+    """One profile job per engine; llama.cpp's at batch size 1, its only one."""
+    baseline = "" if node.facts["role"] == "base" else study.model
+    options = study.profiling.model_dump(exclude={"engines", "gguf_type"})
+    jobs = []
+    for engine in study.profiling.engines:
+        inputs = {"model": node.spec, "baseline": baseline, **options}
+        if engine != TORCH:
+            inputs |= {"engine": engine, "gguf_type": study.profiling.gguf_type, "batch_sizes": [1]}
+        key = f"{PROFILE} {node.label}" + ("" if engine == TORCH else f" {engine}")
+        jobs.append(JobSpec(key, PROFILE, inputs, needs, {**meta, "engine": engine}))
     return jobs
 
 

@@ -76,6 +76,8 @@ def write_report(study: StudyRow, jobs: list[JobRow], folder: Path) -> dict[str,
         _families_table(models, ppl_keys, tasks),
         _recovery_table(models, ppl_keys, tasks),
         _efficiency_table(models),
+        _engines_table(models),
+        _exports_table(models),
         _timing_table(models),
         _jobs_table(jobs),
     ]
@@ -265,6 +267,40 @@ def _efficiency_table(models: list[ModelResults]) -> Table:
     return table
 
 
+def _engines_table(models: list[ModelResults]) -> Table:
+    """Batch-1 speed in each engine the study profiled in, with its speedup over the base
+    model in the same engine; empty (left out) when torch was the only one."""
+    engines = sorted({engine for model in models for engine in model.engine_rows})
+    columns = ["Model", "torch prefill ms", "torch decode tok/s", "torch prefill speedup", "torch decode speedup"]
+    for engine in engines:
+        columns += [f"{engine} prefill ms", f"{engine} decode tok/s", f"{engine} prefill speedup", f"{engine} decode speedup"]
+    table = Table("table_engines", "Speed where it is served — batch 1, each engine against the base model in itself", columns)
+    for model in (m for m in models if m.engine_rows):
+        cells = [model.label, *_batch_one(model.profile_row)]
+        for engine in engines:
+            cells += _batch_one(model.engine_rows.get(engine))
+        table.rows.append(cells)
+    table.notes.append("llama.cpp: each model exported to GGUF (the profile's gguf_type) and timed in llama-cpp-python, "
+                       "alternating with the exported base model in the same process; medians of per-round ratios.")
+    return table
+
+
+def _batch_one(row: dict[str, Any] | None) -> list[Any]:
+    batch = next((b for b in (row or {}).get("batches", []) if int(b["batch_size"]) == 1), None)
+    if batch is None:
+        return [None] * 4
+    return [batch["prefill_ms"], batch["decode_tokens_per_s"], batch["prefill_speedup"], batch["decode_speedup"]]
+
+
+def _exports_table(models: list[ModelResults]) -> Table:
+    table = Table("table_exports", "Exports — files to serve", ["Model", "Format", "Type", "Architecture", "Size MiB", "Artifact"])
+    table.rows = [[model.label, "gguf", model.export["outtype"], model.export["architecture"], int(model.export["size_bytes"]) / MIB,
+                   model.export["artifact"]["uri"]] for model in models if model.export is not None]
+    table.notes.append("GGUF for llama.cpp, Ollama and LM Studio: `prunelab artifact get URI --out DIR` fetches model.gguf. "
+                       "Architecture deci: per-layer widths (llama.cpp's DeciLM loader); llama: uniform layers.")
+    return table
+
+
 def _own_share(part: int | None, whole: Any) -> float | None:
     """A base model's nonzero share of its own dense count (its profile has no baseline to divide by)."""
     return None if part is None else part / int(whole)
@@ -276,7 +312,7 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _timing_table(models: list[ModelResults]) -> Table:
-    kinds = ["prune", "tune", "evaluate", "profile"]
+    kinds = ["prune", "tune", "evaluate", "profile", "export"]
     table = Table("table_timing", "Timing (wall seconds of the jobs that produced each model's results)",
                   ["Model", *[f"{kind} s" for kind in kinds], "Total s"])
     for model in models:

@@ -12,7 +12,7 @@ from typing import Any
 
 from prunelab.data import fallback_text
 from prunelab.errors import InvalidArgument
-from prunelab.orchestrate.graph import EVALUATE, PROFILE, PRUNE, TUNE
+from prunelab.orchestrate.graph import EVALUATE, EXPORT, PROFILE, PRUNE, TORCH, TUNE
 from prunelab.orchestrate.state import DONE, JobRow
 
 
@@ -50,7 +50,9 @@ class ModelResults:
     tune: dict[str, Any] | None = None
     perplexity: dict[tuple[str, int], Perplexity] = field(default_factory=dict)
     tasks: dict[str, TaskAccuracy] = field(default_factory=dict)
-    profile_row: dict[str, Any] | None = None  # the profiler's Table-7 row for this model
+    profile_row: dict[str, Any] | None = None  # the profiler's Table-7 row for this model (torch)
+    engine_rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # other engines' rows: "llama.cpp" -> row
+    export: dict[str, Any] | None = None  # ExportResult: the model as a file to serve
     checkpoint_sha256: str = ""
     lm_eval_version: str = ""
     seconds: dict[str, float] = field(default_factory=dict)  # job kind -> wall time of its jobs
@@ -195,10 +197,19 @@ def _add_evaluation(model: ModelResults, result: dict[str, Any]) -> None:
 def _add_profile(model: ModelResults, result: dict[str, Any]) -> None:
     model.checkpoint_sha256 = model.checkpoint_sha256 or result["model"]["sha256"]
     rows = result["report"]["data"]["rows"]
-    model.profile_row = next(row for row in rows if row["role"] == "model")
+    row = next(row for row in rows if row["role"] == "model")
+    engine = result.get("environment", {}).get("engine") or TORCH  # results from before engines were torch's
+    if engine == TORCH:
+        model.profile_row = row
+    else:
+        model.engine_rows[engine] = row
 
 
-_ADD = {PRUNE: _add_prune, TUNE: _add_tune, EVALUATE: _add_evaluation, PROFILE: _add_profile}
+def _add_export(model: ModelResults, result: dict[str, Any]) -> None:
+    model.export = result
+
+
+_ADD = {PRUNE: _add_prune, TUNE: _add_tune, EVALUATE: _add_evaluation, PROFILE: _add_profile, EXPORT: _add_export}
 
 
 @functools.cache

@@ -33,6 +33,7 @@ from pydantic import (
 from prunelab.errors import InvalidArgument
 from prunelab.evaluate.evaluation import DTYPES
 from prunelab.limits import check_limit
+from prunelab.profile.options import ENGINES, GGUF_TYPES
 from prunelab.prune.importance import AGGREGATIONS, TAYLOR_VARIANTS
 from prunelab.prune.layers import DEFAULT_LAYERS
 from prunelab.prune.pruner import ALLOCATIONS, CORRECTIONS, METHODS, MODES, PruneSettings
@@ -294,6 +295,22 @@ class Profiling(Section):
     dtype: Annotated[str, _one_of("dtype", tuple(DTYPES))] = "float32"
     threads: NonNegative = 0  # torch threads while timing; 0 = the worker's setting
     skip_memory: bool = False
+    # One profile job per engine; llama.cpp times a GGUF export of each model against
+    # the exported base, at batch size 1, and the report puts the speedups side by side.
+    engines: Annotated[list[Annotated[str, _one_of("engine", ENGINES)]], Field(min_length=1)] = ["torch"]
+    gguf_type: Annotated[str, _one_of("gguf_type", GGUF_TYPES)] = "f16"  # llama.cpp's exports
+
+
+class Export(Section):
+    """Every model of the study (base, pruned, tuned) written as a file to serve."""
+
+    format: Annotated[str, _one_of("export format", ("gguf",))] = "gguf"
+    outtype: Annotated[str, _one_of("outtype", GGUF_TYPES)] = "f16"
+
+
+def _export(value: Any) -> Any:
+    """`export: gguf` is the short form of `export: {format: gguf}`."""
+    return {"format": value} if isinstance(value, str) else value
 
 
 def _grids(value: Any) -> Any:
@@ -310,11 +327,12 @@ class Study(Section):
     tuning: Tuning | None = None
     evaluation: Evaluation | None = None  # None: no evaluations
     profiling: Profiling | None = None  # None: no profiles
+    export: Annotated[Export | None, BeforeValidator(_export)] = None  # None: no exports
 
     @model_validator(mode="after")
     def _something_to_do(self) -> Study:
-        if self.evaluation is None and self.profiling is None:
-            raise ValueError("nothing to measure: give evaluation and/or profiling")
+        if self.evaluation is None and self.profiling is None and self.export is None:
+            raise ValueError("nothing to do: give evaluation, profiling and/or export")
         return self
 
     @property

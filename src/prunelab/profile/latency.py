@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,14 +63,15 @@ def prompt_ids(batch_size: int, seq_len: int, vocab_size: int, device: torch.dev
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
 
 
-def timed_round(models: Sequence[PreTrainedModel], input_ids: torch.Tensor, decode_steps: int,
+def timed_round(timers: Sequence[Callable[[torch.Tensor, int], GenerationTiming]], input_ids: torch.Tensor, decode_steps: int,
                 round_index: int = 0) -> list[GenerationTiming]:
-    """One timed generation per model, model `round_index % len(models)` first and the
-    rest after it in turn; the timings are returned in the models' order."""
-    first = round_index % len(models)
-    order = [(first + offset) % len(models) for offset in range(len(models))]
-    timings = {index: time_generation(models[index], input_ids, decode_steps) for index in order}
-    return [timings[index] for index in range(len(models))]
+    """One timed generation per model (`timers`: each model's `time_generation`), model
+    `round_index % len(timers)` first and the rest after it in turn; the timings are
+    returned in the models' order."""
+    first = round_index % len(timers)
+    order = [(first + offset) % len(timers) for offset in range(len(timers))]
+    timings = {index: timers[index](input_ids, decode_steps) for index in order}
+    return [timings[index] for index in range(len(timers))]
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ import prunelab
 from prunelab.errors import InvalidArgument
 from prunelab.profile.latency import Spread
 from prunelab.profile.memory import MemoryProfile
-from prunelab.profile.options import ProfileOptions
+from prunelab.profile.options import ProfileOptions, default_batch_sizes
 from prunelab.profile.profiler import BatchLatency, ModelProfile, ProfileReport, ProgressUpdate, RunEnvironment
 from prunelab.profile.report import render_markdown, report_rows
 from prunelab.profile.static import MacBreakdown, ParamCounts
@@ -31,9 +31,10 @@ def request_settings(request: profiler_pb2.ProfileRequest) -> tuple[str, str | N
     def optional(field: str) -> int:
         return getattr(request, field) if request.HasField(field) else getattr(defaults, field)
 
+    engine = request.engine or defaults.engine
     options = ProfileOptions(
         seq_len=optional("seq_len"),
-        batch_sizes=tuple(request.batch_sizes) or defaults.batch_sizes,
+        batch_sizes=tuple(request.batch_sizes) or default_batch_sizes(engine),
         gen_tokens=optional("gen_tokens"),
         repeats=optional("repeats"),
         warmup=optional("warmup"),
@@ -41,6 +42,8 @@ def request_settings(request: profiler_pb2.ProfileRequest) -> tuple[str, str | N
         dtype=request.dtype or defaults.dtype,
         threads=request.threads,
         measure_memory=not request.skip_memory,
+        engine=engine,
+        gguf_type=request.gguf_type or defaults.gguf_type,
     )
     return request.model, request.baseline or None, options
 

@@ -10,6 +10,8 @@ from prunelab.errors import FailedPrecondition, InvalidArgument
 from prunelab.limits import check_limit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENGINES = ("torch", "llama.cpp")  # what the timings run in; the counts and memory are torch's either way
+GGUF_TYPES = ("f16", "q8_0")  # what a model is exported as for llama.cpp (prunelab.export.OUTTYPES)
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class ProfileOptions:
     dtype: str = "float32"
     threads: int = 0  # torch intra-op threads while timing; 0 leaves torch's setting
     measure_memory: bool = True  # a child process per model; off saves seconds per model
+    engine: str = "torch"  # llama.cpp: each model exported to GGUF and timed there, one sequence at a time
+    gguf_type: str = "f16"  # llama.cpp only: the exported weights' type
 
     def validate(self) -> ProfileOptions:
         """Self, or InvalidArgument naming the first bad field."""
@@ -40,7 +44,17 @@ class ProfileOptions:
         check_limit("batch_size", len(self.batch_sizes), "batch_sizes (count)")
         torch_dtype(self.dtype)
         check_device(self.device)
+        _require(self.engine in ENGINES, "engine", f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        _require(self.gguf_type in GGUF_TYPES, "gguf_type", f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {self.gguf_type!r}")
+        if self.engine == "llama.cpp":
+            _require(self.batch_sizes == (1,), "batch_sizes", f"llama.cpp serves one sequence at a time: batch size 1, got {list(self.batch_sizes)}")
+            _require(self.device == "cpu", "device", f"llama.cpp is timed on the CPU here, got device {self.device!r}")
         return self
+
+
+def default_batch_sizes(engine: str) -> tuple[int, ...]:
+    """Batch sizes when none are asked for: llama.cpp decodes one sequence at a time."""
+    return (1,) if engine == "llama.cpp" else ProfileOptions.batch_sizes
 
 
 def torch_dtype(name: str) -> torch.dtype:

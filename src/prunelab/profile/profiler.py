@@ -8,20 +8,21 @@ steps; `profile_models` runs it to the end.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import transformers
-from transformers import PreTrainedModel
 
 from prunelab.errors import InvalidArgument
 from prunelab.models import LoadedModel, load_model, resolve_model
-from prunelab.profile.latency import GenerationTiming, Spread, prompt_ids, timed_round
+from prunelab.profile.latency import GenerationTiming, Spread, prompt_ids, time_generation, timed_round
+from prunelab.profile.llama_cpp import engine_version as llama_cpp_version
 from prunelab.profile.memory import MemoryProfile, measure_memory
 from prunelab.profile.options import ProfileOptions, torch_dtype
 from prunelab.profile.static import (
@@ -79,6 +80,8 @@ class RunEnvironment:
     dtype: str
     threads: int  # torch.get_num_threads() while timing
     cpu_count: int
+    engine: str  # what the timings ran in: torch or llama.cpp
+    engine_version: str
     machine: str
     gpu: str  # "" on CPU
     torch_version: str
@@ -102,6 +105,7 @@ class ProgressUpdate:
     total: int
 
 
+Timer = Callable[[torch.Tensor, int], GenerationTiming]  # (prompt ids, decode steps) -> one timed generation
 DEFAULT_OPTIONS = ProfileOptions()  # frozen, so one shared default is safe
 
 
@@ -133,7 +137,9 @@ def run_profile(
         loaded = yield from _load(distinct, options, memory_end, loaded_end)
         static = {spec: _static_figures(entry, options.seq_len) for spec, entry in loaded.items()}
         yield ProgressUpdate("count", counted_end, "counted parameters and MACs", len(static), len(static))
-        rounds = yield from _time_rounds([loaded[spec].model for spec in specs], options, counted_end)
+        vocab_size = min(entry.model.get_output_embeddings().out_features for entry in loaded.values())
+        with _timers(loaded, specs, options) as timers:
+            rounds = yield from _time_rounds(timers, vocab_size, options, counted_end)
         environment = _environment(options)
     has_baseline = baseline is not None
     baseline_runs = _runs_of(rounds, 0) if has_baseline else None
@@ -196,12 +202,27 @@ def _measure_memory(specs: list[str], options: ProfileOptions, end: float) -> Ge
     return memory
 
 
+@contextmanager
+def _timers(loaded: dict[str, LoadedModel], specs: list[str], options: ProfileOptions) -> Iterator[list[Timer]]:
+    """One timer per spec, in order: torch's on the loaded models, or llama.cpp's on
+    GGUF exports of them (made here, removed afterwards)."""
+    if options.engine == "torch":
+        yield [functools.partial(time_generation, loaded[spec].model) for spec in specs]
+        return
+    from prunelab.profile.llama_cpp import ExportedModels
+
+    exported = ExportedModels(list(loaded), options.gguf_type, n_ctx=options.seq_len + options.gen_tokens + 1, threads=options.threads)
+    try:
+        yield [exported.models[spec].time_generation for spec in specs]
+    finally:
+        exported.close()
+
+
 def _time_rounds(
-    models: list[PreTrainedModel], options: ProfileOptions, start: float
+    timers: list[Timer], vocab_size: int, options: ProfileOptions, start: float
 ) -> Generator[ProgressUpdate, None, dict[int, list[list[GenerationTiming]]]]:
     """Per batch size, the timed rounds, each with one timing per model in order."""
-    vocab_size = min(model.get_output_embeddings().out_features for model in models)
-    device = models[0].device
+    device = torch.device(options.device)
     total = len(options.batch_sizes) * (options.warmup + options.repeats)
     rounds: dict[int, list[list[GenerationTiming]]] = {}
     done = 0
@@ -210,7 +231,7 @@ def _time_rounds(
         rounds[batch_size] = []
         for round_index in range(options.warmup + options.repeats):
             # counted from the first timed round, so timed rounds start with the baseline and alternate
-            timings = timed_round(models, input_ids, options.gen_tokens, round_index - options.warmup)
+            timings = timed_round(timers, input_ids, options.gen_tokens, round_index - options.warmup)
             if round_index >= options.warmup:
                 rounds[batch_size].append(timings)
             done += 1
@@ -277,6 +298,8 @@ def _environment(options: ProfileOptions) -> RunEnvironment:
         dtype=options.dtype,
         threads=torch.get_num_threads(),
         cpu_count=os.cpu_count() or 0,
+        engine=options.engine,
+        engine_version=torch.__version__ if options.engine == "torch" else llama_cpp_version(),
         machine=platform.processor() or platform.machine(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "",
         torch_version=torch.__version__,

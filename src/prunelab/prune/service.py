@@ -11,12 +11,14 @@ from google.protobuf.struct_pb2 import Struct
 
 from prunelab.config import settings
 from prunelab.errors import InvalidArgument
+from prunelab.export import OUTTYPES, ExportOutcome, run_export
 from prunelab.prune.job import PruneOutcome, run_prune
 from prunelab.prune.pruner import PruneSettings
 from prunelab.rpc.jobs import JobSlots, stream_job
 from prunelab.v1 import common_pb2, pruner_pb2, pruner_pb2_grpc
 
 SERVICE_NAME = "prunelab.v1.Pruner"
+EXPORT_FORMAT = "gguf"
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,31 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServicer):
                 progress=lambda phase, fraction, message: report(ProgressUpdate(phase, fraction, message)),
             )
 
+        yield from self._stream(job, context, f"prune-{request.job_id or '-'}", request.job_id, pruner_pb2.PruneEvent, result_message)
+
+    def Export(self, request: pruner_pb2.ExportRequest, context: grpc.ServicerContext) -> Iterator[pruner_pb2.ExportEvent]:
+        if not request.model:
+            raise InvalidArgument("name the model to export", field="model")
+        if request.format not in ("", EXPORT_FORMAT):
+            raise InvalidArgument(f"format must be {EXPORT_FORMAT}, got {request.format!r}", field="format")
+        outtype = request.outtype or "f16"
+        if outtype not in OUTTYPES:
+            raise InvalidArgument(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}", field="outtype")
+
+        def job(report: Callable[[ProgressUpdate], None], _should_stop: Callable[[], bool]) -> ExportOutcome:
+            return run_export(request.model, outtype, progress=lambda phase, fraction, message: report(ProgressUpdate(phase, fraction, message)))
+
+        yield from self._stream(job, context, f"export-{request.job_id or '-'}", request.job_id, pruner_pb2.ExportEvent, export_result_message)
+
+    def _stream(self, job, context: grpc.ServicerContext, name: str, job_id: str, event: type, result: Callable) -> Iterator:
+        """Run `job` in a slot, as a stream of `event`s: Progress, then the result."""
         with self.slots.admit():
-            for item in stream_job(job, context, name=f"prune-{request.job_id or '-'}"):
+            for item in stream_job(job, context, name=name):
                 if isinstance(item, ProgressUpdate):
-                    progress = common_pb2.Progress(job_id=request.job_id, phase=item.phase, fraction=item.fraction, message=item.message)
-                    yield pruner_pb2.PruneEvent(progress=progress)
+                    progress = common_pb2.Progress(job_id=job_id, phase=item.phase, fraction=item.fraction, message=item.message)
+                    yield event(progress=progress)
                 else:
-                    yield pruner_pb2.PruneEvent(result=result_message(item, request.job_id))
+                    yield event(result=result(item, job_id))
 
 
 def registration(servicer: PrunerServicer) -> Callable[[grpc.Server], None]:
@@ -96,4 +116,17 @@ def result_message(outcome: PruneOutcome, job_id: str) -> pruner_pb2.PruneResult
         memory_kind=outcome.memory_kind,
         wall_seconds=outcome.wall_seconds,
         report=details,
+    )
+
+
+def export_result_message(outcome: ExportOutcome, job_id: str) -> pruner_pb2.ExportResult:
+    artifact = outcome.artifact
+    return pruner_pb2.ExportResult(
+        job_id=job_id,
+        artifact=common_pb2.ArtifactRef(uri=artifact.uri, digest=artifact.digest, kind=artifact.kind, size_bytes=artifact.size),
+        architecture=outcome.file.architecture,
+        outtype=outcome.file.outtype,
+        size_bytes=outcome.file.size_bytes,
+        tensors=outcome.file.tensors,
+        wall_seconds=outcome.wall_seconds,
     )
