@@ -46,7 +46,7 @@ test-slow: setup $(LLAMA_STAMP)  ## end-to-end suites on the real model, the fau
 	$(PY) -m pytest -m "slow"
 
 $(LLAMA_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	$(PY) -m pip install --quiet llama-cpp-python==0.3.36 diskcache==5.6.3
 	touch $@
 
 test-all: setup $(LLAMA_STAMP)  ## everything

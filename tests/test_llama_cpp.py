@@ -1,8 +1,9 @@
 """GGUF exports served by a real engine: llama.cpp (llama-cpp-python, built by
-`make test-slow`) loads the f16 export of the real SmolLM2-135M as it comes, pruned
-uniformly, pruned per layer (LLM-Pruner's layers 4:-2) and pruned in depth; its greedy
-continuations equal transformers' for 16 tokens and its perplexity on raw held-out
-text is within 1 % of transformers'. Then `prunelab profile --engine llama.cpp`."""
+`make test-slow`) loads the f16 export of the real SmolLM2-135M as it comes and pruned
+by 20 % three ways (the same widths in every layer, per-layer widths, whole layers);
+its greedy continuations equal transformers' (on the same f16-rounded weights) for 16
+tokens, and its perplexity on raw held-out text is within 1 % of transformers'. Then
+`prunelab profile --engine llama.cpp`."""
 
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ if os.environ.get("CI", "").lower() != "true":
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Pruning a language model removes"]
 NEW_TOKENS = 16
 PPL_TOKENS = 512  # one window of raw wikipassages validation text, the same tokens in both engines
-# Magnitude (l2) needs no calibration and no correction: quick, and every kind of shape.
+# prunelab's best configuration (calibrated on wikipassages train, refit): models worth serving, each shape.
 PRUNED = {
-    "uniform": PruneSettings(ratio=0.2, method="l2", allocation="uniform", attn_layers="0:", mlp_layers="0:", correction="none"),
-    "per-layer": PruneSettings(ratio=0.2, method="l2", correction="none"),  # LLM-Pruner's recipe: layers 4:-2
-    "depth": PruneSettings(ratio=0.2, mode="depth", depth_criterion="last"),
+    "uniform": PruneSettings(ratio=0.2, allocation="uniform", attn_layers="0:", mlp_layers="0:"),
+    "per-layer": PruneSettings(ratio=0.2),  # prunelab's best configuration: MLP first, widths differ per layer
+    "depth": PruneSettings(ratio=0.2, mode="depth"),  # block influence on the calibration text
 }
 
 
@@ -49,13 +50,19 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 def test_llama_cpp_generates_what_transformers_generates_and_agrees_on_perplexity(checkpoints, name, architecture, tmp_path):
     loaded = load_model(checkpoints[name])
     written = write_gguf(loaded.source.path, tmp_path / "model.gguf", "f16")
+    _round_matrices_to_f16(loaded.model)  # the very weights the f16 file holds: what differs then is the engine
     assert written.architecture == architecture
     engine = LlamaCppModel(written.path, n_ctx=PPL_TOKENS, threads=2, all_logits=True)
     try:
         for prompt in PROMPTS:
             ids = loaded.tokenizer(prompt)["input_ids"]
             expected = loaded.model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
-            assert engine.greedy(ids, NEW_TOKENS) == expected, prompt
+            got = engine.greedy(ids, NEW_TOKENS)
+            # generate stops at end-of-sequence; llama.cpp's loop here does not
+            eos = loaded.model.generation_config.eos_token_id
+            stopped = len(expected) < NEW_TOKENS and expected[-1] in (eos if isinstance(eos, list) else [eos])
+            assert len(expected) == NEW_TOKENS or stopped
+            assert got[: len(expected)] == expected, f"{prompt!r}: llama.cpp {got}, transformers {expected}"
 
         tokens = loaded.tokenizer(resolve_text("wikipassages", split="validation"))["input_ids"][:PPL_TOKENS]
         with torch.no_grad():
@@ -80,3 +87,10 @@ def test_profile_times_the_exports_in_llama_cpp_against_the_exported_base(checkp
     latency = result["latency"]["1"]
     assert latency["decode_tokens_per_s"] > 0 and latency["prefill_ms"] > 0
     assert latency["speedup"]["decode"] > 0 and result["baseline"]["latency"]["1"]["decode_tokens_per_s"] > 0
+
+
+def _round_matrices_to_f16(model) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim > 1:  # norms stay f32 in the export
+                param.copy_(param.half().float())

@@ -74,7 +74,9 @@ class LlamaCppModel:
         return log_probs[np.arange(len(tokens) - 1), tokens[1:]]
 
     def _last_argmax(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # llama-cpp-python keeps `scores` only with logits_all; the context holds the last position's either way
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
 
     def close(self) -> None:
         self.llm.close()
