@@ -126,6 +126,8 @@ def test_the_default_study_is_the_promised_grid():
     same_tokens = ("data", "data_split", "steps", "batch_size", "max_length", "max_val_examples", "eval_every")
     assert {k: lora[k] for k in same_tokens} == {k: kd[k] for k in same_tokens}
     assert sum(job.kind == PROFILE for job in jobs) == 10  # base, seven pruned, two tuned
+    exports = [job for job in jobs if job.kind == graph.EXPORT]
+    assert len(exports) == 10 and all(job.inputs["outtype"] == "q8_0" for job in exports)
 
 
 def test_each_tuning_run_tunes_every_selected_model_as_its_own_measured_model():
