@@ -5,7 +5,9 @@ in-process via load_model and in a fresh process with only plain transformers.""
 from __future__ import annotations
 
 import json
+import site
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -78,6 +80,44 @@ def test_checkpoints_are_reproduced_by_plain_transformers_in_a_fresh_process(
         assert runs[f"per-layer-{family}"].model_class.startswith("transformers_modules."), family
 
 
+_TOKENIZER_CHILD = r"""
+import json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+print(json.dumps(tokenizer("the quick fox")["input_ids"]))
+"""
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_per_layer_checkpoints_tokenizer_loads_in_plain_transformers_with_no_prompt_or_warning(family, tiny_tokenizer, tmp_path):
+    model = tiny_causal_lm(family)
+    _shrink_per_layer(model)
+    out = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "test"})
+
+    # a fresh interpreter without prunelab (see plain_transformers_run), no terminal, stdin closed
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", _TOKENIZER_CHILD, json.dumps(site.getsitepackages()), str(out)],
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == tiny_tokenizer("the quick fox")["input_ids"]
+    assert "custom code" not in done.stdout + done.stderr and "model of type" not in done.stderr, done.stdout + done.stderr
+
+
+def test_a_per_layer_checkpoint_of_the_older_prunelab_model_type_still_loads(tiny_tokenizer, tmp_path):
+    model = tiny_causal_lm("llama")
+    _shrink_per_layer(model)
+    out = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "test"})
+    config = _config(out)
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "prunelab_llama"}))  # as written before 2026-11-30
+
+    loaded = load_model(str(out))
+
+    assert LlamaFamilyAdapter(loaded.model).layer_widths() == LlamaFamilyAdapter(model).layer_widths()
+    assert torch.equal(_logits(loaded.model), _logits(model))
+
+
 def test_uniform_checkpoint_is_a_plain_family_config(tiny_tokenizer, tmp_path):
     model = tiny_causal_lm("llama")
     _shrink_uniformly(model)
@@ -100,7 +140,7 @@ def test_per_layer_checkpoint_config_names_the_shipped_classes(family, tiny_toke
 
     config = _config(out)
     prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
-    assert config["model_type"] == f"prunelab_{family}"
+    assert config["model_type"] == family  # the stock type: tokenizer loaders ask no remote-code question
     assert config["architectures"] == [f"Prunelab{prefix}ForCausalLM"]
     assert config["auto_map"] == {
         "AutoConfig": f"modeling_prunelab.Prunelab{prefix}Config",
@@ -161,7 +201,9 @@ def test_uniform_llama_whose_hidden_size_no_longer_divides_by_heads_uses_the_per
 
     out = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "test"})
 
-    assert _config(out)["model_type"] == "prunelab_llama"
+    config = _config(out)
+    assert config["architectures"] == ["PrunelabLlamaForCausalLM"] and config["layer_widths"][0]["num_attention_heads"] == 8
+    assert config["num_attention_heads"] == 6  # the most heads dividing 60: the stock LlamaConfig accepts the file
     assert torch.equal(_logits(load_model(str(out)).model), _logits(model))
 
 

@@ -27,6 +27,7 @@ import torch
 
 from prunelab.errors import FailedPrecondition, InvalidArgument
 from prunelab.models import read_weights
+from prunelab.models.modeling_prunelab import LEGACY_MODEL_TYPE_PREFIX
 
 # outtype -> (file type recorded in the header, type of the 2-D weights)
 OUTTYPES = {
@@ -36,7 +37,6 @@ OUTTYPES = {
 # The transformers families written as llama.cpp's `llama` (Mistral is Llama with
 # sliding-window attention, which llama.cpp's llama ignores, as its converter does).
 LLAMA_FAMILIES = ("llama", "mistral")
-PER_LAYER_PREFIX = "prunelab_"
 
 # Byte-level BPE pre-tokenizers (tokenizer.json `pre_tokenizer`) -> llama.cpp's name
 # for the same splitting (llama-vocab.cpp). Unknown ones are refused: a wrong name
@@ -61,7 +61,7 @@ def write_gguf(checkpoint: Path, out_path: Path, outtype: str = "f16", name: str
     if outtype not in OUTTYPES:
         raise InvalidArgument(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", field="outtype")
     config = json.loads((checkpoint / "config.json").read_text())
-    family = config.get("model_type", "").removeprefix(PER_LAYER_PREFIX)
+    family = config.get("model_type", "").removeprefix(LEGACY_MODEL_TYPE_PREFIX)
     if family not in LLAMA_FAMILIES:
         raise FailedPrecondition(
             f"GGUF export writes Llama and Mistral checkpoints; this one is {config.get('model_type')!r}", field="model"

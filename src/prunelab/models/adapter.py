@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from prunelab.errors import InvalidArgument
-from prunelab.models.modeling_prunelab import FAMILIES, WIDTH_FIELDS
+from prunelab.models.modeling_prunelab import FAMILIES, LEGACY_MODEL_TYPE_PREFIX, WIDTH_FIELDS
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,10 @@ class LayerProjections:
 
 def model_family(model: PreTrainedModel) -> str:
     """The family key of `model` ("llama", "qwen2", ...), also for our per-layer-width
-    classes ("prunelab_llama" -> "llama"); InvalidArgument for anything else."""
+    classes (theirs is the family's, or "prunelab_llama" in older checkpoints);
+    InvalidArgument for anything else."""
     model_type = getattr(model.config, "model_type", None) or "<none>"
-    family = model_type.removeprefix("prunelab_")
+    family = model_type.removeprefix(LEGACY_MODEL_TYPE_PREFIX)
     if family not in FAMILIES:
         raise InvalidArgument(
             f"unsupported architecture {model_type!r} ({type(model).__name__}): "

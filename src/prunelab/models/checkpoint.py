@@ -4,9 +4,11 @@ Layout: model.safetensors (sharded above MAX_SHARD_SIZE), config.json,
 generation_config.json, tokenizer files, prunelab.json (provenance). When every
 decoder layer has the same widths and the stock config accepts them, config.json is
 the plain family config (LlamaConfig etc. with explicit head_dim), loadable anywhere
-without custom code. Otherwise it is a `prunelab_<family>` config carrying
-`layer_widths` and an `auto_map` into `modeling_prunelab.py`, copied into the
-directory, so `trust_remote_code=True` loads it with no prunelab installed.
+without custom code. Otherwise it carries `layer_widths` and an `auto_map` into
+`modeling_prunelab.py`, copied into the directory, so `trust_remote_code=True` loads
+it with no prunelab installed. Its model_type stays the family's ("llama"), so
+AutoTokenizer, which reads config.json first, finds a stock type and asks no
+remote-code question (checkpoints before 2026-11-30 say "prunelab_llama"; both load).
 
 Why not DeciLM/Nemotron-NAS `block_configs` (vLLM loads them natively): a block sets
 only `n_heads_in_group`; the query-head count stays the global num_attention_heads
@@ -114,10 +116,12 @@ def checkpoint_config(adapter: LlamaFamilyAdapter) -> PretrainedConfig:
             config.architectures = [model_class.__name__]
             return config
     config_class, model_class = PER_LAYER_CLASSES[adapter.family]
+    maxima = {field: max(getattr(w, field) for w in widths) for field in WIDTH_FIELDS}
+    maxima["num_attention_heads"] = _heads_dividing(adapter.hidden_size, maxima["num_attention_heads"])
     config = config_class.from_dict(
         {
             **shared,
-            **{field: max(getattr(w, field) for w in widths) for field in WIDTH_FIELDS},
+            **maxima,
             "layer_widths": [w.as_dict() for w in widths],
             "auto_map": {
                 "AutoConfig": f"{Path(MODELING_FILE).stem}.{config_class.__name__}",
@@ -127,6 +131,14 @@ def checkpoint_config(adapter: LlamaFamilyAdapter) -> PretrainedConfig:
     )
     config.architectures = [model_class.__name__]
     return config
+
+
+def _heads_dividing(hidden_size: int, heads: int) -> int:
+    """The most heads, up to `heads`, that divide `hidden_size`. AutoTokenizer and
+    AutoConfig without remote code read a per-layer config as the stock family config,
+    and LlamaConfig refuses a hidden size that is no multiple of the head count (channel
+    pruning leaves such sizes); the model itself takes its heads from `layer_widths`."""
+    return next(count for count in range(heads, 0, -1) if hidden_size % count == 0)
 
 
 def read_provenance(checkpoint_dir: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ unpickling runs arbitrary code.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     GgufConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -39,7 +41,7 @@ from prunelab.config import settings
 from prunelab.data import hub
 from prunelab.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prunelab.models.checkpoint import read_provenance, save_checkpoint
-from prunelab.models.modeling_prunelab import PER_LAYER_CLASSES
+from prunelab.models.modeling_prunelab import LEGACY_MODEL_TYPE_PREFIX, PER_LAYER_CLASSES
 from prunelab.models.registry import RegisteredModel, registered_model, registered_names
 from prunelab.store import open_store
 from prunelab.store.manifest import SCHEME as ARTIFACT_SCHEME
@@ -230,10 +232,7 @@ def _load_checkpoint(
         raise InvalidArgument(f"{directory} is not a model directory: it has no config.json", field="model")
     _refuse_pickled_weights(directory)
     try:
-        # trust_remote_code stays off: our own per-layer classes are registered below,
-        # and code shipped inside a checkpoint is never run.
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        config, model_class = _config_and_class(directory)
         model = model_class.from_pretrained(None, config=config, state_dict=read_weights(directory), dtype=dtype,
                                             device_map=device)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
@@ -278,12 +277,26 @@ def _weights_digest(directory: Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def _register_per_layer_classes() -> None:
-    """Let AutoModelForCausalLM load our per-layer-width checkpoints in this process
-    (here and in tools that take a path, like lm-eval) without remote code."""
+def _config_and_class(directory: Path) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
+    """The checkpoint's config and the class to build it with. Per-layer checkpoints
+    (`layer_widths` in config.json) get our classes from the family, whatever their
+    model_type says (the family's own, or `prunelab_<family>` before it was); code
+    shipped inside a checkpoint is never run: trust_remote_code stays off."""
+    raw = json.loads((directory / "config.json").read_text())
+    if raw.get("layer_widths") is None:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        return config, AutoModelForCausalLM._model_mapping[type(config)]
+    family = str(raw.get("model_type", "")).removeprefix(LEGACY_MODEL_TYPE_PREFIX)
+    if family not in PER_LAYER_CLASSES:
+        raise FailedPrecondition(f"{directory}: per-layer widths of an unknown family {raw.get('model_type')!r}", field="model")
+    config_class, model_class = PER_LAYER_CLASSES[family]
+    return config_class.from_dict({key: value for key, value in raw.items() if key != "model_type"}), model_class
+
+
+def _register_per_layer_models() -> None:
+    """Let AutoModelForCausalLM.from_config build our per-layer configs in this process."""
     for config_class, model_class in PER_LAYER_CLASSES.values():
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
 
 
-_register_per_layer_classes()
+_register_per_layer_models()

@@ -7,9 +7,13 @@ such layers ships a copy of this file, and its config.json names these classes i
 loads it anywhere transformers is installed. It must therefore import nothing but
 transformers and huggingface_hub: never prunelab.
 
-`layer_widths` holds one dict per decoder layer (keys: WIDTH_FIELDS). The global
-num_attention_heads / num_key_value_heads / intermediate_size are the maxima over the
-layers: an upper bound for code that sizes buffers from the global config.
+config.json keeps the family's model_type ("llama"), so AutoTokenizer and AutoConfig
+without remote code read it as the stock config with no prompt; `layer_widths` marks
+it as ours. `layer_widths` holds one dict per decoder layer (keys: WIDTH_FIELDS). The global
+num_key_value_heads / intermediate_size are the maxima over the layers (an upper bound
+for code that sizes buffers from the global config); num_attention_heads is the
+maximum too unless it does not divide hidden_size, then the largest count below it
+that does, so that the stock config class accepts the file.
 """
 
 import copy
@@ -27,6 +31,8 @@ from transformers import (
 )
 
 WIDTH_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+# Per-layer checkpoints written before 2026-11-30 name their model_type "prunelab_<family>".
+LEGACY_MODEL_TYPE_PREFIX = "prunelab_"
 
 # model_type -> the stock classes: these families share one decoder layout (q/k/v/o
 # attention with GQA, gate/up/down MLP, RMSNorm) and differ only in biases and norms.
@@ -66,7 +72,10 @@ def _per_layer_classes(family: str, base_config: type, base_model: type) -> tupl
 
     @strict  # re-collects the validators so ours replaces the stock architecture check
     class Config(base_config):
-        model_type = "prunelab_" + family
+        # The family's own type: a tokenizer or config loader that meets it (AutoTokenizer
+        # reads config.json first) uses the stock class and asks about no remote code;
+        # `layer_widths` and `auto_map` say that the model needs ours.
+        model_type = family
         layer_widths: list[dict[str, int]] | None = None
         layer_config = _layer_config
         validate_architecture = _validate_layer_widths
