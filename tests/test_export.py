@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from fixtures.models import tiny_causal_lm
+from fixtures.models import half_zeroed, tiny_causal_lm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunelab.cli import main as cli_main
@@ -106,6 +106,16 @@ def test_depth_pruned_checkpoint_exports_its_remaining_blocks(tiny_tokenizer, tm
     checkpoint = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "test"})
     fields = _fields(write_gguf(checkpoint, tmp_path / "model.gguf").path)
     assert fields["llama.block_count"] == 3
+
+
+def test_a_sparse_model_keeps_its_zeros_dense_in_the_export(tiny_tokenizer, tmp_path):
+    model = half_zeroed(tiny_causal_lm("llama"))
+    checkpoint = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "test"})
+
+    reader = gguf.GGUFReader(write_gguf(checkpoint, tmp_path / "model.gguf", "f16").path)
+
+    for tensor in (t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2):
+        assert (np.asarray(tensor.data) == 0).mean() == 0.5, tensor.name  # 2:4 zeros, kept exactly, stored dense
 
 
 def test_the_real_model_keeps_its_vocabulary_special_tokens_and_chat_template(smollm2, tmp_path):

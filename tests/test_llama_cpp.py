@@ -7,6 +7,7 @@ tokens, and its perplexity on raw held-out text is within 1 % of transformers'. 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -15,9 +16,11 @@ import pytest
 import torch
 
 from prunelab.cli import main as cli_main
+from prunelab.config import settings
 from prunelab.data import resolve_text
 from prunelab.export import write_gguf
 from prunelab.models import load_model
+from prunelab.orchestrate import load_study
 from prunelab.profile.llama_cpp import LlamaCppModel
 from prunelab.prune import PruneSettings, run_prune
 
@@ -41,8 +44,8 @@ PRUNED = {
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("pruned")
     specs = {"base": "smollm2-135m"}
-    for name, settings in PRUNED.items():
-        specs[name] = str(run_prune("smollm2-135m", settings, out_dir=folder / name).checkpoint_dir)
+    for name, prune_settings in PRUNED.items():
+        specs[name] = str(run_prune("smollm2-135m", prune_settings, out_dir=folder / name).checkpoint_dir)
     return specs
 
 
@@ -94,3 +97,22 @@ def _round_matrices_to_f16(model) -> None:
         for param in model.parameters():
             if param.ndim > 1:  # norms stay f32 in the export
                 param.copy_(param.half().float())
+
+
+def test_a_study_profiles_in_both_engines_and_reports_their_speedups_side_by_side(tiny_checkpoint, tmp_path):
+    from test_orchestrate import tiny_study_text, write_text
+
+    profiling = {"seq_len": 8, "batch_sizes": [1], "gen_tokens": 4, "repeats": 2, "warmup": 0, "skip_memory": True,
+                 "engines": ["torch", "llama.cpp"]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_study_text(tiny_checkpoint, write_text(tmp_path / "text"), evaluation=None, tuning=None, profiling=profiling))
+
+    assert cli_main(["run", str(path)]) == 0
+
+    folder = settings().home / "reports" / load_study(path).id
+    rows = list(csv.DictReader(open(folder / "table_engines.csv")))
+    assert [row["Model"] for row in rows] == ["base", "taylor 20%", "l2 20%"]
+    for row in rows:
+        assert float(row["torch decode tok/s"]) > 0 and float(row["llama.cpp decode tok/s"]) > 0
+    assert all(float(row[f"{engine} decode speedup"]) > 0 for row in rows[1:] for engine in ("torch", "llama.cpp"))
+    assert "Speed where it is served" in (folder / "report.md").read_text()
