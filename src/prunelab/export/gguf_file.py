@@ -27,7 +27,7 @@ import torch
 
 from prunelab.errors import FailedPrecondition, InvalidArgument
 from prunelab.models import read_weights
-from prunelab.models.modeling_prunelab import LEGACY_MODEL_TYPE_PREFIX
+from prunelab.models.modeling_prunelab import LEGACY_MODEL_TYPE_PREFIX, WIDTH_FIELDS
 
 # outtype -> (file type recorded in the header, type of the 2-D weights)
 OUTTYPES = {
@@ -92,7 +92,7 @@ def write_gguf(checkpoint: Path, out_path: Path, outtype: str = "f16", name: str
 def _layer_widths(config: dict[str, Any]) -> list[dict[str, int]]:
     if config.get("layer_widths"):
         return config["layer_widths"]
-    uniform = {k: config[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
+    uniform = {field: config[field] for field in WIDTH_FIELDS}
     return [uniform] * config["num_hidden_layers"]
 
 
