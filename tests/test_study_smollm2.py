@@ -21,9 +21,10 @@ STUDY = Path(__file__).resolve().parent.parent / "examples" / "smollm2.yaml"
 
 
 def cut_down(document: dict) -> dict:
-    """The same study with a smaller grid: taylor at 20 %, 4 perplexity windows, 4 tuning
-    steps, one task on 4 documents, one timed profiling round."""
-    document["pruning"] |= {"methods": ["taylor"], "ratios": [0.2]}
+    """The same study with a smaller grid: its taylor grid at 20 % alone, 4 perplexity
+    windows, 4 tuning steps, one task on 4 documents, one timed profiling round."""
+    [taylor] = [grid for grid in document["pruning"] if grid["methods"] == ["taylor"]]
+    document["pruning"] = [taylor | {"ratios": [0.2]}]
     document["tuning"]["settings"] |= {"steps": 4, "eval_every": 2, "max_val_examples": 4}
     document["evaluation"] |= {"tasks": ["arc_easy"], "limit": 4}
     document["evaluation"]["perplexity"]["max_windows"] = 4
@@ -54,3 +55,7 @@ def test_make_runs_study_on_a_cut_down_grid(shared_data, tmp_path, monkeypatch, 
     tuning = list(csv.DictReader(open(folder / "table_tuning.csv")))
     assert len(tuning) == 2 and all(int(run["Best step"]) in (0, 2, 4) for run in tuning)
     assert len(list(csv.DictReader(open(folder / "table7_efficiency.csv")))) == 4
+    exports = list(csv.DictReader(open(folder / "table_exports.csv")))  # every model as q8_0 GGUF, as make run does
+    assert [(row["Model"], row["Type"], row["Architecture"]) for row in exports] == [
+        ("base", "q8_0", "llama"), ("taylor 20%", "q8_0", "deci"), ("taylor 20% +LoRA", "q8_0", "deci"),
+        ("taylor 20% +full-kd", "q8_0", "deci")]
