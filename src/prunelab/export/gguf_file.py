@@ -58,8 +58,7 @@ class GgufFile:
 
 def write_gguf(checkpoint: Path, out_path: Path, outtype: str = "f16", name: str = "") -> GgufFile:
     """Write the checkpoint directory `checkpoint` as the GGUF file `out_path`."""
-    if outtype not in OUTTYPES:
-        raise InvalidArgument(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", field="outtype")
+    check_outtype(outtype)
     config = json.loads((checkpoint / "config.json").read_text())
     family = config.get("model_type", "").removeprefix(LEGACY_MODEL_TYPE_PREFIX)
     if family not in LLAMA_FAMILIES:
@@ -87,6 +86,11 @@ def write_gguf(checkpoint: Path, out_path: Path, outtype: str = "f16", name: str
     finally:
         partial.unlink(missing_ok=True)
     return GgufFile(out_path, architecture, outtype, count, out_path.stat().st_size)
+
+
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise InvalidArgument(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", field="outtype")
 
 
 def _layer_widths(config: dict[str, Any]) -> list[dict[str, int]]:

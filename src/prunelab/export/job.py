@@ -14,7 +14,7 @@ from pathlib import Path
 
 import prunelab
 from prunelab.errors import InvalidArgument
-from prunelab.export.gguf_file import OUTTYPES, GgufFile, write_gguf
+from prunelab.export.gguf_file import GgufFile, check_outtype, write_gguf
 from prunelab.models import read_provenance, resolve_model
 from prunelab.prune.pruner import Progress, no_progress
 from prunelab.store import ArtifactRef, open_store
@@ -42,8 +42,7 @@ class ExportOutcome:
 def run_export(model: str, outtype: str = "f16", *, out_file: Path | None = None, progress: Progress = no_progress) -> ExportOutcome:
     """Export `model` (any spec load_model takes) to GGUF and publish it; with `out_file`
     the .gguf is also copied there. Bad input fails before anything is written."""
-    if outtype not in OUTTYPES:
-        raise InvalidArgument(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", field="outtype")
+    check_outtype(outtype)
     if out_file is not None and Path(out_file).exists():
         raise InvalidArgument(f"{out_file} already exists; exports are never overwritten", field="out")
     started = time.perf_counter()

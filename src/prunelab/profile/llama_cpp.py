@@ -23,7 +23,6 @@ from prunelab.export import write_gguf
 from prunelab.models import resolve_model
 from prunelab.profile.latency import GenerationTiming
 
-ENGINE = "llama.cpp"
 INSTALL_HINT = "llama.cpp is not installed: pip install 'prunelab[llama]' (builds llama-cpp-python, ~4 min on 2 cores)"
 
 
@@ -41,7 +40,6 @@ class LlamaCppModel:
         engine_version()
         from llama_cpp import Llama
 
-        self.path = gguf_path
         self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads or None,
                          n_threads_batch=threads or None, logits_all=all_logits, verbose=False)
 
@@ -89,11 +87,9 @@ class ExportedModels:
         engine_version()  # missing engine: fail before exporting anything
         self._folder = tempfile.TemporaryDirectory(prefix="prunelab-llama-cpp-")
         self.models: dict[str, LlamaCppModel] = {}
-        self.sizes: dict[str, int] = {}
         try:
             for index, spec in enumerate(specs):
                 written = write_gguf(resolve_model(spec).path, Path(self._folder.name) / f"{index}.gguf", gguf_type)
-                self.sizes[spec] = written.size_bytes
                 self.models[spec] = LlamaCppModel(written.path, n_ctx=n_ctx, threads=threads)
         except BaseException:
             self.close()

@@ -11,7 +11,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from prunelab.config import settings
 from prunelab.errors import InvalidArgument
-from prunelab.export import OUTTYPES, ExportOutcome, run_export
+from prunelab.export import ExportOutcome, check_outtype, run_export
 from prunelab.prune.job import PruneOutcome, run_prune
 from prunelab.prune.pruner import PruneSettings
 from prunelab.rpc.jobs import JobSlots, stream_job
@@ -53,8 +53,7 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServicer):
         if request.format not in ("", EXPORT_FORMAT):
             raise InvalidArgument(f"format must be {EXPORT_FORMAT}, got {request.format!r}", field="format")
         outtype = request.outtype or "f16"
-        if outtype not in OUTTYPES:
-            raise InvalidArgument(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}", field="outtype")
+        check_outtype(outtype)  # INVALID_ARGUMENT before taking a slot
 
         def job(report: Callable[[ProgressUpdate], None], _should_stop: Callable[[], bool]) -> ExportOutcome:
             return run_export(request.model, outtype, progress=lambda phase, fraction, message: report(ProgressUpdate(phase, fraction, message)))
