@@ -90,15 +90,34 @@ def test_per_layer_widths_become_deci_with_arrays_and_every_layer_sized_by_its_o
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
 
 
-def test_a_width_that_does_not_split_into_blocks_stays_f16(tiny_tokenizer, tmp_path):
+def test_a_pruned_width_is_padded_with_zero_channels_that_change_nothing(tiny_tokenizer, tmp_path):
     model = tiny_causal_lm("llama")
-    LlamaFamilyAdapter(model).keep_mlp_channels(1, range(40))
+    adapter = LlamaFamilyAdapter(model)
+    for layer in range(adapter.num_layers):
+        adapter.keep_mlp_channels(layer, range(40))  # 40: not whole blocks of 32
+    checkpoint = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "test"})
+
+    q8 = write_gguf(checkpoint, tmp_path / "q8.gguf", "q8_0")
+    f16 = write_gguf(checkpoint, tmp_path / "model.gguf", "f16")
+
+    assert q8.padded_channels == f16.padded_channels == 4 * (64 - 40)
+    assert _fields(q8.path)["llama.feed_forward_length"] == 64
+    assert _tensors(q8.path)["blk.1.ffn_down.weight"] == ("Q8_0", [64, 64])  # padded: whole q8_0 blocks
+    down = next(t for t in gguf.GGUFReader(f16.path).tensors if t.name == "blk.1.ffn_down.weight")
+    assert (np.asarray(down.data)[:, 40:] == 0).all()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(PROMPT).logits, _f16_rounded(model)(PROMPT).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_hidden_size_that_does_not_split_into_blocks_stays_f16(tiny_tokenizer, tmp_path):
+    model = tiny_causal_lm("llama", hidden_size=48)  # channel mode prunes the hidden size
     checkpoint = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "test"})
 
     tensors = _tensors(write_gguf(checkpoint, tmp_path / "model.gguf", "q8_0").path)
 
-    assert tensors["blk.1.ffn_down.weight"] == ("F16", [40, 64])
-    assert tensors["blk.1.ffn_up.weight"][0] == "Q8_0"
+    assert tensors["blk.1.ffn_up.weight"] == ("F16", [48, 96])
+    assert tensors["blk.1.ffn_down.weight"][0] == "Q8_0"  # its rows are the 96 MLP channels
 
 
 def test_depth_pruned_checkpoint_exports_its_remaining_blocks(tiny_tokenizer, tmp_path):

@@ -201,6 +201,16 @@ def test_a_new_pruner_version_changes_the_prune_jobs_and_what_reads_them_only(mo
     assert bumped["evaluate base ppl wikitext2@128"] == first["evaluate base ppl wikitext2@128"]
 
 
+def test_a_new_exporter_version_changes_the_export_jobs_only(monkeypatch):
+    """A state directory must not reuse a GGUF file an older exporter wrote."""
+    text = study_text(export="gguf")
+    first = {job.key: job.inputs_hash for job in expand(parse_study(text, "a.yaml"))}
+    monkeypatch.setattr(graph, "EXPORTER_VERSION", graph.EXPORTER_VERSION + 1)
+    bumped = {job.key: job.inputs_hash for job in expand(parse_study(text, "a.yaml"))}
+    changed = sorted(key for key in first if bumped[key] != first[key])
+    assert changed == sorted(key for key in first if key.startswith("export ")) and changed
+
+
 def test_a_tuning_selection_that_matches_nothing_is_refused():
     study = parse_study(study_text(tuning={"select": [{"method": "random"}], "settings": {"data": "wikitext2"}}), "t.yaml")
     with pytest.raises(InvalidArgument, match=r"tuning.select\[0\]: \{'method': 'random'\} matches no pruned model"):

@@ -1,8 +1,9 @@
 """`prunelab export`: a model (registered name, checkpoint directory, artifact:// URI,
 hub id) as one GGUF file that llama.cpp, Ollama and LM Studio load, published to the
 store as a "gguf" artifact; `--out` also writes the file. Uniform, per-layer-width,
-depth-pruned and sparse Llama/Mistral checkpoints; f16 or q8_0 weights (a pruned
-width that does not split into 32-value blocks stays f16)."""
+depth-pruned and sparse Llama/Mistral checkpoints; f16 or q8_0 weights. Pruned
+feed-forward widths are padded with zero channels to whole 32-value blocks, which
+changes no output and lets them quantize and take llama.cpp's fast kernels."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from prunelab.cli.progress import job_progress
-    from prunelab.export import run_export
+    from prunelab.export import FFN_BLOCK, run_export
 
     with job_progress("export", silent=args.json) as show:
         outcome = run_export(args.model, args.outtype, out_file=args.out,
@@ -35,5 +36,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         f = outcome.file
         print(f"{f.architecture} GGUF, {f.outtype}, {f.tensors} tensors, {f.size_bytes / 2**20:.1f} MiB in {outcome.wall_seconds:.1f} s")
+        if f.padded_channels:
+            print(f"feed-forward widths padded to blocks of {FFN_BLOCK} with {f.padded_channels} zero channels (outputs unchanged)")
         print(f"artifact {outcome.artifact.uri}" + (f"\nfile {args.out}" if args.out else ""))
     return 0

@@ -10,6 +10,8 @@ llama.cpp's own converter does for Hugging Face models (not shipped in that pack
   blocks; sparse models keep their zeros, stored dense;
 - Q and K rows reordered for llama.cpp's rotary layout (pairs of adjacent channels,
   where transformers rotates the two halves of each head);
+- feed-forward widths padded with zero channels to whole blocks of FFN_BLOCK, so a
+  pruned width (1188, 997) still quantizes and takes llama.cpp's fast matrix kernels;
 - the vocabulary, the pre-tokenizer's name, special tokens and chat template, from the
   checkpoint's own tokenizer files.
 """
@@ -37,6 +39,14 @@ OUTTYPES = {
 # The transformers families written as llama.cpp's `llama` (Mistral is Llama with
 # sliding-window attention, which llama.cpp's llama ignores, as its converter does).
 LLAMA_FAMILIES = ("llama", "mistral")
+# llama.cpp quantizes rows in blocks of 32 values, and its CPU matrix kernels want
+# inner dimensions in whole blocks. A pruned feed-forward width is padded up to one:
+# gate and up rows of zeros and down columns of zeros add silu(0) * 0 = 0, so the
+# model computes exactly what it did (README, Serving: the speed this buys).
+FFN_BLOCK = 32
+# Bumped whenever the same checkpoint starts to give a different file, so a study's
+# state directory never reuses an older export (its export jobs hash it). 2: padding.
+EXPORTER_VERSION = 2
 
 # Byte-level BPE pre-tokenizers (tokenizer.json `pre_tokenizer`) -> llama.cpp's name
 # for the same splitting (llama-vocab.cpp). Unknown ones are refused: a wrong name
@@ -54,6 +64,7 @@ class GgufFile:
     outtype: str
     tensors: int
     size_bytes: int
+    padded_channels: int = 0  # zero feed-forward channels added, over all layers (FFN_BLOCK)
 
 
 def write_gguf(checkpoint: Path, out_path: Path, outtype: str = "f16", name: str = "") -> GgufFile:
@@ -68,7 +79,9 @@ def write_gguf(checkpoint: Path, out_path: Path, outtype: str = "f16", name: str
     if _rope(config).get("rope_type", "default") != "default" or config.get("attention_bias") or config.get("mlp_bias"):
         raise FailedPrecondition("GGUF export does not yet write rope scaling or biases: "
                                  f"rope {_rope(config)}, attention_bias {config.get('attention_bias')}", field="model")
-    widths = _layer_widths(config)
+    pruned_widths = _layer_widths(config)
+    widths = [{**w, "intermediate_size": _padded(w["intermediate_size"])} for w in pruned_widths]
+    padding = sum(w["intermediate_size"] for w in widths) - sum(w["intermediate_size"] for w in pruned_widths)
     architecture = "deci" if len({tuple(w.values()) for w in widths}) > 1 else "llama"
     file_type, weight_type = OUTTYPES[outtype]
     vocabulary = _vocabulary(checkpoint, config["vocab_size"])  # refused tokenizers fail before any file exists
@@ -85,7 +98,7 @@ def write_gguf(checkpoint: Path, out_path: Path, outtype: str = "f16", name: str
         partial.rename(out_path)
     finally:
         partial.unlink(missing_ok=True)
-    return GgufFile(out_path, architecture, outtype, count, out_path.stat().st_size)
+    return GgufFile(out_path, architecture, outtype, count, out_path.stat().st_size, padding)
 
 
 def check_outtype(outtype: str) -> None:
@@ -98,6 +111,10 @@ def _layer_widths(config: dict[str, Any]) -> list[dict[str, int]]:
         return config["layer_widths"]
     uniform = {field: config[field] for field in WIDTH_FIELDS}
     return [uniform] * config["num_hidden_layers"]
+
+
+def _padded(width: int) -> int:
+    return -(-width // FFN_BLOCK) * FFN_BLOCK
 
 
 def _rope(config: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +232,10 @@ def _write_tensors(writer: gguf.GGUFWriter, weights: dict[str, torch.Tensor], co
             data = rotary_rows_for_llama_cpp(data, widths[layer]["num_attention_heads"], head_dim)
         elif hf_name.endswith("k_proj.weight"):
             data = rotary_rows_for_llama_cpp(data, widths[layer]["num_key_value_heads"], head_dim)
+        elif hf_name.endswith(("gate_proj.weight", "up_proj.weight")):
+            data = _zero_padded(data, 0, widths[layer]["intermediate_size"])
+        elif hf_name.endswith("down_proj.weight"):
+            data = _zero_padded(data, 1, widths[layer]["intermediate_size"])
         _add_tensor(writer, name, data, weight_type)
         count += 1
     return count
@@ -232,9 +253,17 @@ def rotary_rows_for_llama_cpp(weight: np.ndarray, heads: int, head_dim: int) -> 
     return rows.swapaxes(1, 2).reshape(weight.shape)
 
 
+def _zero_padded(data: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """`data` with zeros appended along `axis` up to `size`."""
+    widths = [(0, 0)] * data.ndim
+    widths[axis] = (0, size - data.shape[axis])
+    return np.pad(data, widths)
+
+
 def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, weight_type: gguf.GGMLQuantizationType) -> None:
     """Vectors (norms) stay f32, as llama.cpp's converter keeps them; a matrix whose rows
-    do not split into whole quantization blocks (a pruned width) falls back to f16."""
+    do not split into whole quantization blocks (a hidden size that channel mode
+    pruned) falls back to f16."""
     if data.ndim == 1:
         writer.add_tensor(name, data.astype(np.float32))
         return

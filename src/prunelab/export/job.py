@@ -35,7 +35,7 @@ class ExportOutcome:
         return {
             "artifact": self.artifact.uri, "source": self.source, "source_sha256": self.source_sha256,
             "architecture": self.file.architecture, "outtype": self.file.outtype, "tensors": self.file.tensors,
-            "size_bytes": self.file.size_bytes, "wall_seconds": self.wall_seconds,
+            "padded_channels": self.file.padded_channels, "size_bytes": self.file.size_bytes, "wall_seconds": self.wall_seconds,
         }
 
 
@@ -76,6 +76,7 @@ def _provenance(spec: str, source, written: GgufFile) -> dict:
         "architecture": written.architecture,
         "outtype": written.outtype,
         "tensors": written.tensors,
+        "padded_channels": written.padded_channels,
         "size_bytes": written.size_bytes,
         "library_versions": {"gguf": importlib.metadata.version("gguf"), "prunelab": prunelab.__version__},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prunelab.errors import InvalidArgument
+from prunelab.export.gguf_file import EXPORTER_VERSION
 from prunelab.orchestrate.study import BEST_METHOD, Layers, PruningGrid, Study
 from prunelab.prune.pruner import BEST_CALIBRATION_SPLIT, PRUNER_VERSION, PruneSettings
 from prunelab.prune.sparse import SPARSE_METHODS, UNSTRUCTURED, Pattern
@@ -274,12 +275,20 @@ def _hashed(jobs: list[JobSpec], content: dict[str, str]) -> list[JobSpec]:
     for job in jobs:
         linked = {name: {"output_of_hash": hashes[value[REFERENCE]]} if _is_reference(value) else value for name, value in job.inputs.items()}
         used = {name: content[name] for name in _strings(job.inputs) if name in content}
-        hashed = ({"kind": job.kind, "inputs": linked} | ({"pruner_version": PRUNER_VERSION} if job.kind == PRUNE else {})
-                  | ({"content": used} if used else {}))
+        hashed = {"kind": job.kind, "inputs": linked} | _code_version(job.kind) | ({"content": used} if used else {})
         canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
         hashes[job.key] = hashlib.sha256(canonical.encode()).hexdigest()
         result.append(JobSpec(job.key, job.kind, job.inputs, job.needs, job.meta, hashes[job.key]))
     return result
+
+
+def _code_version(kind: str) -> dict[str, int]:
+    """The version of the code that makes a job's output where a new one makes a different output."""
+    if kind == PRUNE:
+        return {"pruner_version": PRUNER_VERSION}
+    if kind == EXPORT:
+        return {"exporter_version": EXPORTER_VERSION}
+    return {}
 
 
 def _strings(inputs: dict[str, Any]) -> list[str]:

@@ -297,7 +297,8 @@ def _exports_table(models: list[ModelResults]) -> Table:
     table.rows = [[model.label, "gguf", model.export["outtype"], model.export["architecture"], int(model.export["size_bytes"]) / MIB,
                    model.export["artifact"]["uri"]] for model in models if model.export is not None]
     table.notes.append("GGUF for llama.cpp, Ollama and LM Studio: `prunelab artifact get URI --out DIR` fetches model.gguf. "
-                       "Architecture deci: per-layer widths (llama.cpp's DeciLM loader); llama: uniform layers.")
+                       "Architecture deci: per-layer widths (llama.cpp's DeciLM loader); llama: uniform layers. "
+                       "Pruned feed-forward widths are padded with zero channels to whole blocks of 32 (outputs unchanged).")
     return table
 
 

@@ -127,5 +127,6 @@ def export_result_message(outcome: ExportOutcome, job_id: str) -> pruner_pb2.Exp
         outtype=outcome.file.outtype,
         size_bytes=outcome.file.size_bytes,
         tensors=outcome.file.tensors,
+        padded_channels=outcome.file.padded_channels,
         wall_seconds=outcome.wall_seconds,
     )
