@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunelab.export.gguf_file import FFN_BLOCK
 from prunelab.orchestrate.plots import draw_plots
 from prunelab.orchestrate.results import ModelResults, collect
 from prunelab.orchestrate.state import DONE, FAILED, JobRow, StudyRow
@@ -298,7 +299,7 @@ def _exports_table(models: list[ModelResults]) -> Table:
                    model.export["artifact"]["uri"]] for model in models if model.export is not None]
     table.notes.append("GGUF for llama.cpp, Ollama and LM Studio: `prunelab artifact get URI --out DIR` fetches model.gguf. "
                        "Architecture deci: per-layer widths (llama.cpp's DeciLM loader); llama: uniform layers. "
-                       "Pruned feed-forward widths are padded with zero channels to whole blocks of 32 (outputs unchanged).")
+                       f"Pruned feed-forward widths are padded with zero channels to whole blocks of {FFN_BLOCK} (outputs unchanged).")
     return table
 
 
